@@ -1,0 +1,231 @@
+"""InfluxDB v1 HTTP API client: InfluxQL reads straight into Polars, line-protocol writes.
+
+The v1 API (`/query`, `/write`) is served by InfluxDB 1.x, by 2.x through its database/retention-policy
+mapping, and by 3.x. Values reach InfluxQL only as bound parameters (`$name`); identifiers are quoted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+RAW_FIELDS = ("power_w", "energy_wh", "voltage_v")
+RAW_TAGS = ("device_id", "household_id")
+
+RAW_SCHEMA: dict[str, pl.DataType] = {
+    "time": pl.Int64(),
+    "power_w": pl.Float64(),
+    "energy_wh": pl.Float64(),
+    "voltage_v": pl.Float64(),
+    "device_id": pl.String(),
+    "household_id": pl.String(),
+}
+
+
+class InfluxError(RuntimeError):
+    """InfluxDB could not be reached, refused the request, or answered with an error."""
+
+
+def quote_ident(name: str) -> str:
+    """Quote an InfluxQL identifier (measurement, retention policy, database)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_ns(ts: datetime) -> int:
+    """Nanoseconds since the epoch for an aware datetime."""
+    if ts.tzinfo is None:
+        raise ValueError(f"naive datetime {ts!r}: pass a timezone-aware time (UTC)")
+    return int(ts.timestamp()) * 1_000_000_000 + ts.microsecond * 1_000
+
+
+def raw_points_query(measurement: str) -> str:
+    """InfluxQL for every raw point in [$start, $end), tags selected as columns."""
+    fields = ", ".join(quote_ident(c) for c in (*RAW_FIELDS, *RAW_TAGS))
+    return (
+        f"SELECT {fields} FROM {quote_ident(measurement)} "
+        "WHERE time >= $start AND time < $end"
+    )
+
+
+def minute_counts_query(measurement: str) -> str:
+    """InfluxQL counting points per minute in [$start, $end) (one field that every point has)."""
+    return (
+        f"SELECT count({quote_ident('power_w')}) AS points FROM {quote_ident(measurement)} "
+        "WHERE time >= $start AND time < $end GROUP BY time(1m)"
+    )
+
+
+class InfluxClient:
+    """A small client for InfluxDB's v1 HTTP API with timeouts and retries."""
+
+    def __init__(
+        self,
+        url: str,
+        database: str,
+        *,
+        retention_policy: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise InfluxError(f"InfluxDB URL must start with http:// or https://, got {url!r}")
+        if not database:
+            raise InfluxError("InfluxDB database name is empty")
+        self.url = url.rstrip("/")
+        self.database = database
+        self.retention_policy = retention_policy or None
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        # Retries cover refused connections and 5xx answers; InfluxQL SELECTs and line-protocol
+        # writes are both safe to repeat (a rewritten point replaces itself).
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            backoff_factor=backoff_s,
+            status_forcelist=(500, 502, 503, 504),
+            allowed_methods=frozenset({"GET", "POST"}),
+            raise_on_status=False,
+        )
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+        if token:
+            # InfluxDB 2.x/3.x v1-compatibility endpoints take the API token this way.
+            self.session.headers["Authorization"] = f"Token {token}"
+        elif username:
+            self.session.auth = (username, password or "")
+
+    def __repr__(self) -> str:  # never shows credentials
+        return f"InfluxClient(url={self.url!r}, database={self.database!r})"
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            resp = self.session.request(
+                method, f"{self.url}{path}", timeout=self.timeout_s, **kwargs
+            )
+        except requests.exceptions.RetryError as exc:
+            raise InfluxError(f"InfluxDB at {self.url} kept failing ({exc})") from exc
+        except requests.ConnectionError as exc:
+            raise InfluxError(f"cannot reach InfluxDB at {self.url}: {exc}") from exc
+        except requests.Timeout as exc:
+            raise InfluxError(
+                f"InfluxDB at {self.url} did not answer within {self.timeout_s}s"
+            ) from exc
+        if resp.status_code in (401, 403):
+            raise InfluxError(
+                f"InfluxDB at {self.url} refused the credentials (HTTP {resp.status_code}): "
+                "check INFLUXDB_TOKEN or INFLUXDB_USERNAME/INFLUXDB_PASSWORD"
+            )
+        if resp.status_code >= 400:
+            detail = resp.headers.get("X-Influxdb-Error") or resp.text[:500]
+            raise InfluxError(f"InfluxDB {path} failed (HTTP {resp.status_code}): {detail}")
+        return resp
+
+    def _query_params(self, q: str, params: Mapping[str, Any] | None) -> dict[str, str]:
+        out = {"db": self.database, "q": q, "epoch": "ns"}
+        if self.retention_policy:
+            out["rp"] = self.retention_policy
+        if params:
+            out["params"] = json.dumps(dict(params))
+        return out
+
+    def ping(self) -> str:
+        """Return the server's version; raises InfluxError when unreachable."""
+        resp = self._request("GET", "/ping")
+        return resp.headers.get("X-Influxdb-Version", "unknown")
+
+    def query_json(self, q: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run InfluxQL and return its `results` list, raising on any statement error."""
+        resp = self._request("POST", "/query", data=self._query_params(q, params))
+        results = resp.json().get("results", [])
+        for result in results:
+            if "error" in result:
+                raise InfluxError(f"InfluxQL error: {result['error']}")
+        return results
+
+    def query_frame(
+        self,
+        q: str,
+        params: Mapping[str, Any] | None = None,
+        schema: Mapping[str, pl.DataType] | None = None,
+    ) -> pl.DataFrame:
+        """Run InfluxQL and parse the CSV answer straight into Polars (no per-point Python)."""
+        body = self._request(
+            "POST",
+            "/query",
+            data={**self._query_params(q, params), "chunked": "true", "chunk_size": "100000"},
+            headers={"Accept": "application/csv"},
+        ).content
+        if not body.strip():
+            # In CSV mode InfluxDB answers an unknown database with an empty 200: tell them apart.
+            self.require_database()
+            return pl.DataFrame(schema=dict(schema or {}))
+        frame = pl.read_csv(
+            io.BytesIO(body),
+            schema_overrides=dict(schema or {}),
+            infer_schema_length=0 if schema else 100,
+        )
+        frame = frame.drop([c for c in ("name", "tags") if c in frame.columns])
+        if schema:
+            frame = frame.select([c for c in schema if c in frame.columns])
+        return frame
+
+    def read_points(self, measurement: str, start: datetime, end: datetime) -> pl.DataFrame:
+        """Every raw point of `measurement` in [start, end) as a DataFrame of RAW_SCHEMA."""
+        frame = self.query_frame(
+            raw_points_query(measurement),
+            {"start": to_ns(start), "end": to_ns(end)},
+            schema=RAW_SCHEMA,
+        )
+        missing = [c for c in RAW_SCHEMA if c not in frame.columns]
+        return frame.with_columns(pl.lit(None, RAW_SCHEMA[c]).alias(c) for c in missing).select(
+            list(RAW_SCHEMA)
+        )
+
+    def minute_counts(self, measurement: str, start: datetime, end: datetime) -> pl.DataFrame:
+        """Points per minute in [start, end): columns `minute` (ns) and `points`."""
+        frame = self.query_frame(
+            minute_counts_query(measurement),
+            {"start": to_ns(start), "end": to_ns(end)},
+            schema={"time": pl.Int64(), "points": pl.Int64()},
+        )
+        if frame.is_empty():
+            return pl.DataFrame(schema={"minute": pl.Int64(), "points": pl.Int64()})
+        return frame.rename({"time": "minute"}).with_columns(pl.col("points").fill_null(0))
+
+    def databases(self) -> list[str]:
+        results = self.query_json("SHOW DATABASES")
+        series = results[0].get("series", []) if results else []
+        return [row[0] for s in series for row in s.get("values", [])]
+
+    def require_database(self) -> None:
+        if self.database not in self.databases():
+            raise InfluxError(f"InfluxDB database {self.database!r} does not exist at {self.url}")
+
+    def create_database(self) -> None:
+        """Create the configured database (a no-op when it exists)."""
+        self.query_json(f"CREATE DATABASE {quote_ident(self.database)}")
+
+    def write_lines(self, body: bytes | str | Sequence[str]) -> None:
+        """POST line protocol (nanosecond timestamps) to `/write`."""
+        if not isinstance(body, bytes | str):
+            body = "\n".join(body)
+        if isinstance(body, str):
+            body = body.encode()
+        params = {"db": self.database, "precision": "ns"}
+        if self.retention_policy:
+            params["rp"] = self.retention_policy
+        self._request("POST", "/write", params=params, data=body)
