@@ -20,11 +20,12 @@ from urllib3.util.retry import Retry
 RAW_FIELDS = ("power_w", "energy_wh", "voltage_v")
 RAW_TAGS = ("device_id", "household_id")
 
+# Fields arrive as text: one unparseable value must not fail a whole column (see rollups.py).
 RAW_SCHEMA: dict[str, pl.DataType] = {
     "time": pl.Int64(),
-    "power_w": pl.Float64(),
-    "energy_wh": pl.Float64(),
-    "voltage_v": pl.Float64(),
+    "power_w": pl.String(),
+    "energy_wh": pl.String(),
+    "voltage_v": pl.String(),
     "device_id": pl.String(),
     "household_id": pl.String(),
 }

@@ -1,0 +1,256 @@
+"""Raw points → validated per-device minute rollups, quarantine rows and a per-minute ledger.
+
+Pure Polars + pandera; no I/O and no Dagster, so every rule here is tested directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pandera.polars as pa
+import polars as pl
+
+from energy_pipeline.schemas import DEVICE_ROLLUP_1M, raw_point_schema
+
+FIELDS = ("power_w", "energy_wh", "voltage_v")
+BUCKET_DTYPE = pl.Datetime("us", "UTC")
+# Friendlier words for pandera's check names in quarantine reasons.
+_REASON_WORDS = {"not_nullable": "missing", "known_device": "unknown device"}
+
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    "bucket": BUCKET_DTYPE,
+    "point_time_ns": pl.Int64(),
+    "device_id": pl.String(),
+    "household_id": pl.String(),
+    "power_w": pl.Float64(),
+    "energy_wh": pl.Float64(),
+    "voltage_v": pl.Float64(),
+    "reason": pl.String(),
+}
+ROLLUP_COLUMNS = (
+    "device_id", "bucket", "household_id", "sample_count", "power_w_avg", "power_w_min",
+    "power_w_max", "energy_wh_sum", "rejected_count",
+)
+LEDGER_COLUMNS = (
+    "bucket", "points_read", "power_w_points", "energy_wh_points", "duplicates_dropped",
+    "rejected", "devices",
+)
+
+
+@dataclass
+class MinuteBatch:
+    """Everything one window of raw points turns into."""
+
+    rollups: pl.DataFrame
+    quarantine: pl.DataFrame
+    ledger: pl.DataFrame
+    points_read: int
+    duplicates_dropped: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> int:
+        return self.quarantine.height
+
+
+def minute_buckets(start: datetime, end: datetime) -> pl.DataFrame:
+    """One row per minute start in [start, end)."""
+    if end <= start:
+        return pl.DataFrame(schema={"bucket": BUCKET_DTYPE})
+    return pl.DataFrame(
+        {"bucket": pl.datetime_range(start, end - timedelta(minutes=1), "1m", eager=True)}
+    ).with_columns(pl.col("bucket").cast(BUCKET_DTYPE))
+
+
+def _bucket(col: str = "time") -> pl.Expr:
+    return pl.from_epoch(pl.col(col), "ns").dt.truncate("1m").dt.replace_time_zone("UTC").cast(
+        BUCKET_DTYPE
+    )
+
+
+def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast text fields to floats; return the parsed frame and (index, column, reason) failures.
+
+    One unparseable value must not fail the whole column, so casting is lenient and every value
+    that did not survive it is reported instead.
+    """
+    parsed = raw.with_columns(pl.col(f).cast(pl.Float64, strict=False) for f in FIELDS)
+    failures = [
+        parsed.select(
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("index"),
+            pl.lit(f).alias("column"),
+            pl.lit(f"{f}: not a number").alias("reason"),
+            (raw[f].is_not_null() & parsed[f].is_null()).alias("bad"),
+        )
+        .filter("bad")
+        .drop("bad")
+        for f in FIELDS
+    ]
+    return parsed, pl.concat(failures)
+
+
+def validation_failures(points: pl.DataFrame, known_devices: pl.Series | None) -> pl.DataFrame:
+    """Run the raw-point contract; return one row per (index, column, reason) that failed."""
+    try:
+        raw_point_schema(known_devices).validate(points, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+    else:
+        return pl.DataFrame(schema={"index": pl.Int64, "column": pl.String, "reason": pl.String})
+    if cases["index"].null_count():
+        # A failure without a row (a missing column, a wrong dtype) is a contract break, not bad data.
+        raise ValueError(f"raw points do not match the contract: {cases.to_dicts()[:5]}")
+    check = pl.col("check")
+    word = check.replace_strict(_REASON_WORDS, default=check, return_dtype=pl.String)
+    return cases.select(
+        pl.col("index").cast(pl.Int64),
+        pl.col("column"),
+        pl.concat_str(pl.col("column"), pl.lit(": "), word).alias("reason"),
+    )
+
+
+def roll_up_minutes(
+    raw: pl.DataFrame,
+    start: datetime,
+    end: datetime,
+    devices: pl.DataFrame | None = None,
+) -> MinuteBatch:
+    """Dedupe, validate and roll up the raw points of [start, end) per device and minute.
+
+    Args:
+        raw: points as read from InfluxDB (`time` in ns; fields as text or floats).
+        start, end: the minute-aligned UTC window the points were read for.
+        devices: registered devices (`device_id`, `household_id`); points of other devices are
+            quarantined as unknown. None skips that check.
+    """
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    points_read = raw.height
+    # Exact duplicates: same device and timestamp (different series in InfluxDB, e.g. a device
+    # reported under two households). Keep one, deterministically.
+    ordered = raw.sort(["device_id", "time", "household_id"], nulls_last=True)
+    is_dup = ordered.select(
+        ~pl.struct("device_id", "time").is_first_distinct() & pl.col("device_id").is_not_null()
+    ).to_series()
+    duplicates = ordered.filter(is_dup)
+    deduped = ordered.filter(~is_dup)
+
+    parsed, parse_failures = parse_fields(deduped)
+    known = devices["device_id"] if devices is not None else None
+    failures = validation_failures(parsed, known)
+    # A value that was unparseable is reported as such, not also as missing.
+    failures = failures.join(parse_failures, on=["index", "column"], how="anti")
+    reasons = (
+        pl.concat([parse_failures, failures])
+        .group_by("index")
+        .agg(pl.col("reason").unique().sort().str.join("; "))
+    )
+    indexed = parsed.with_row_index("index").with_columns(pl.col("index").cast(pl.Int64))
+    rejected = indexed.join(reasons, on="index", how="inner").drop("index")
+    valid = indexed.join(reasons, on="index", how="anti").drop("index")
+    seconds["validate"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    rollups = _roll_up(valid, rejected, devices)
+    DEVICE_ROLLUP_1M.validate(rollups)
+    quarantine = rejected.with_columns(_bucket().alias("bucket"), pl.col("time").alias(
+        "point_time_ns"
+    )).select(list(QUARANTINE_SCHEMA))
+    ledger = _ledger(raw, duplicates, rejected, rollups, start, end)
+    seconds["roll_up"] = time.perf_counter() - t1
+    return MinuteBatch(
+        rollups=rollups,
+        quarantine=quarantine.sort(["bucket", "device_id", "point_time_ns"], nulls_last=True),
+        ledger=ledger,
+        points_read=points_read,
+        duplicates_dropped=duplicates.height,
+        seconds=seconds,
+    )
+
+
+def _roll_up(
+    valid: pl.DataFrame, rejected: pl.DataFrame, devices: pl.DataFrame | None
+) -> pl.DataFrame:
+    keys = ["device_id", "bucket"]
+    agg = (
+        valid.with_columns(_bucket().alias("bucket"))
+        .group_by(keys)
+        .agg(
+            pl.col("household_id").first(),
+            pl.len().cast(pl.UInt32).alias("sample_count"),
+            pl.col("power_w").mean().alias("power_w_avg"),
+            pl.col("power_w").min().alias("power_w_min"),
+            pl.col("power_w").max().alias("power_w_max"),
+            pl.col("energy_wh").sum().alias("energy_wh_sum"),
+        )
+    )
+    # Rejected points of a known device count against that device's minute, even when every
+    # point of the minute was rejected (then the row has sample_count 0 and no power stats).
+    counted = rejected.filter(
+        pl.col("device_id").is_not_null()
+        & (pl.col("device_id").str.len_chars() > 0)
+        & ~pl.col("reason").str.contains("device_id: unknown device", literal=True)
+    )
+    rej = (
+        counted.with_columns(_bucket().alias("bucket"))
+        .group_by(keys)
+        .agg(
+            pl.len().cast(pl.UInt32).alias("rejected_count"),
+            pl.col("household_id").drop_nulls().first().alias("rejected_household_id"),
+        )
+    )
+    out = agg.join(rej, on=keys, how="full", coalesce=True)
+    household = pl.coalesce("household_id", "rejected_household_id")
+    if devices is not None:
+        out = out.join(
+            devices.select("device_id", pl.col("household_id").alias("registered_household_id")),
+            on="device_id",
+            how="left",
+        )
+        household = pl.coalesce("household_id", "rejected_household_id", "registered_household_id")
+    return (
+        out.with_columns(
+            household.alias("household_id"),
+            pl.col("sample_count").fill_null(0),
+            pl.col("energy_wh_sum").fill_null(0.0),
+            pl.col("rejected_count").fill_null(0),
+        )
+        .filter(pl.col("household_id").is_not_null() & (pl.col("household_id") != ""))
+        .select(ROLLUP_COLUMNS)
+        .sort(keys)
+    )
+
+
+def _ledger(
+    raw: pl.DataFrame,
+    duplicates: pl.DataFrame,
+    rejected: pl.DataFrame,
+    rollups: pl.DataFrame,
+    start: datetime,
+    end: datetime,
+) -> pl.DataFrame:
+    """Per-minute counts for every minute of the window, zero where nothing arrived."""
+
+    def per_minute(frame: pl.DataFrame, *aggs: pl.Expr) -> pl.DataFrame:
+        return frame.with_columns(_bucket().alias("bucket")).group_by("bucket").agg(*aggs)
+
+    counts = [
+        per_minute(
+            raw,
+            pl.len().alias("points_read"),
+            pl.col("power_w").is_not_null().sum().alias("power_w_points"),
+            pl.col("energy_wh").is_not_null().sum().alias("energy_wh_points"),
+        ),
+        per_minute(duplicates, pl.len().alias("duplicates_dropped")),
+        per_minute(rejected, pl.len().alias("rejected")),
+        rollups.group_by("bucket").agg(pl.len().alias("devices")),
+    ]
+    ledger = minute_buckets(start, end)
+    for frame in counts:
+        ledger = ledger.join(frame, on="bucket", how="left")
+    return ledger.select(
+        pl.col("bucket"),
+        *(pl.col(c).fill_null(0).cast(pl.Int64) for c in LEDGER_COLUMNS[1:]),
+    ).sort("bucket")

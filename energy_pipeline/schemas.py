@@ -1,0 +1,95 @@
+"""pandera (polars backend) contracts for raw points and per-device minute rollups.
+
+Validate collected DataFrames: on a LazyFrame pandera checks the schema only and skips data checks.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pandera.polars as pa
+
+# A household device drawing more than this is a sensor fault, not a load (an EV charger is ~11 kW).
+MAX_POWER_W = 50_000.0
+# Energy since the previous point; at 1 Hz a 50 kW load adds ~14 Wh, so allow gaps of some minutes.
+MAX_ENERGY_WH = 5_000.0
+MAX_VOLTAGE_V = 500.0
+MAX_TAG_LENGTH = 256
+
+
+def _known(devices: pl.Series):
+    wanted = devices.implode()
+
+    def known_device(data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col(data.key).is_in(wanted))
+
+    return pa.Check(known_device, name="known_device")
+
+
+def raw_point_schema(known_devices: pl.Series | None = None) -> pa.DataFrameSchema:
+    """Contract for one raw point; `known_devices` adds the registered-device check."""
+    device_checks = [pa.Check.str_length(1, MAX_TAG_LENGTH)]
+    if known_devices is not None:
+        device_checks.append(_known(known_devices))
+    return pa.DataFrameSchema(
+        {
+            "time": pa.Column(pl.Int64, nullable=False),
+            "device_id": pa.Column(pl.String, nullable=False, checks=device_checks),
+            "household_id": pa.Column(
+                pl.String, nullable=False, checks=[pa.Check.str_length(1, MAX_TAG_LENGTH)]
+            ),
+            "power_w": pa.Column(
+                pl.Float64, nullable=False, checks=[pa.Check.in_range(0.0, MAX_POWER_W)]
+            ),
+            "energy_wh": pa.Column(
+                pl.Float64, nullable=False, checks=[pa.Check.in_range(0.0, MAX_ENERGY_WH)]
+            ),
+            "voltage_v": pa.Column(
+                pl.Float64, nullable=True, checks=[pa.Check.in_range(0.0, MAX_VOLTAGE_V)]
+            ),
+        },
+        strict=False,
+        name="raw_point",
+    )
+
+
+def _avg_within_min_max(data: pa.PolarsData) -> pl.LazyFrame:
+    # Float rounding can put a mean a hair outside [min, max]; allow a relative epsilon.
+    eps = 1e-9 * (pl.col("power_w_max").abs() + 1.0)
+    return data.lazyframe.select(
+        pl.col("sample_count").eq(0)
+        | (
+            (pl.col("power_w_min") <= pl.col("power_w_avg") + eps)
+            & (pl.col("power_w_avg") <= pl.col("power_w_max") + eps)
+        )
+    )
+
+
+def _stats_present_iff_samples(data: pa.PolarsData) -> pl.LazyFrame:
+    stats = ("power_w_avg", "power_w_min", "power_w_max")
+    has_stats = pl.all_horizontal(pl.col(c).is_not_null() for c in stats)
+    no_stats = pl.all_horizontal(pl.col(c).is_null() for c in stats)
+    return data.lazyframe.select(
+        pl.when(pl.col("sample_count") > 0).then(has_stats).otherwise(no_stats)
+    )
+
+
+DEVICE_ROLLUP_1M = pa.DataFrameSchema(
+    {
+        "device_id": pa.Column(pl.String, nullable=False),
+        "bucket": pa.Column(pl.Datetime("us", "UTC"), nullable=False),
+        "household_id": pa.Column(pl.String, nullable=False),
+        "sample_count": pa.Column(pl.UInt32, nullable=False, checks=pa.Check.le(1_000_000)),
+        "power_w_avg": pa.Column(pl.Float64, nullable=True, checks=pa.Check.ge(0.0)),
+        "power_w_min": pa.Column(pl.Float64, nullable=True, checks=pa.Check.ge(0.0)),
+        "power_w_max": pa.Column(pl.Float64, nullable=True, checks=pa.Check.le(MAX_POWER_W)),
+        "energy_wh_sum": pa.Column(pl.Float64, nullable=False, checks=pa.Check.ge(0.0)),
+        "rejected_count": pa.Column(pl.UInt32, nullable=False),
+    },
+    checks=[
+        pa.Check(_avg_within_min_max, name="avg_within_min_max"),
+        pa.Check(_stats_present_iff_samples, name="stats_present_iff_samples"),
+    ],
+    unique=["device_id", "bucket"],
+    strict=False,
+    name="device_rollup_1m",
+)
