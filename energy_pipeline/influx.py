@@ -1,7 +1,8 @@
 """InfluxDB v1 HTTP API client: InfluxQL reads straight into Polars, line-protocol writes.
 
-The v1 API (`/query`, `/write`) is served by InfluxDB 1.x, by 2.x through its database/retention-policy
-mapping, and by 3.x. Values reach InfluxQL only as bound parameters (`$name`); identifiers are quoted.
+The v1 API (`/query`, `/write`) is served by InfluxDB 1.x, by 2.x through its
+database/retention-policy mapping, and by 3.x. Values reach InfluxQL only as bound parameters
+(`$name`); identifiers are quoted.
 """
 
 from __future__ import annotations
@@ -50,16 +51,14 @@ def to_ns(ts: datetime) -> int:
 def raw_points_query(measurement: str) -> str:
     """InfluxQL for every raw point in [$start, $end), tags selected as columns."""
     fields = ", ".join(quote_ident(c) for c in (*RAW_FIELDS, *RAW_TAGS))
-    return (
-        f"SELECT {fields} FROM {quote_ident(measurement)} "
-        "WHERE time >= $start AND time < $end"
-    )
+    return f"SELECT {fields} FROM {quote_ident(measurement)} WHERE time >= $start AND time < $end"
 
 
 def minute_counts_query(measurement: str) -> str:
-    """InfluxQL counting points per minute in [$start, $end) (one field that every point has)."""
+    """InfluxQL counting, per minute in [$start, $end), the points that carry each main field."""
     return (
-        f"SELECT count({quote_ident('power_w')}) AS points FROM {quote_ident(measurement)} "
+        f"SELECT count({quote_ident('power_w')}) AS power_w_points, "
+        f"count({quote_ident('energy_wh')}) AS energy_wh_points FROM {quote_ident(measurement)} "
         "WHERE time >= $start AND time < $end GROUP BY time(1m)"
     )
 
@@ -197,15 +196,14 @@ class InfluxClient:
         )
 
     def minute_counts(self, measurement: str, start: datetime, end: datetime) -> pl.DataFrame:
-        """Points per minute in [start, end): columns `minute` (ns) and `points`."""
+        """Per minute in [start, end): `minute` (ns), `power_w_points`, `energy_wh_points`."""
+        schema = {"time": pl.Int64(), "power_w_points": pl.Int64(), "energy_wh_points": pl.Int64()}
         frame = self.query_frame(
-            minute_counts_query(measurement),
-            {"start": to_ns(start), "end": to_ns(end)},
-            schema={"time": pl.Int64(), "points": pl.Int64()},
+            minute_counts_query(measurement), {"start": to_ns(start), "end": to_ns(end)}, schema
         )
         if frame.is_empty():
-            return pl.DataFrame(schema={"minute": pl.Int64(), "points": pl.Int64()})
-        return frame.rename({"time": "minute"}).with_columns(pl.col("points").fill_null(0))
+            frame = pl.DataFrame(schema=schema)
+        return frame.rename({"time": "minute"}).fill_null(0)
 
     def databases(self) -> list[str]:
         results = self.query_json("SHOW DATABASES")

@@ -30,12 +30,24 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "reason": pl.String(),
 }
 ROLLUP_COLUMNS = (
-    "device_id", "bucket", "household_id", "sample_count", "power_w_avg", "power_w_min",
-    "power_w_max", "energy_wh_sum", "rejected_count",
+    "device_id",
+    "bucket",
+    "household_id",
+    "sample_count",
+    "power_w_avg",
+    "power_w_min",
+    "power_w_max",
+    "energy_wh_sum",
+    "rejected_count",
 )
 LEDGER_COLUMNS = (
-    "bucket", "points_read", "power_w_points", "energy_wh_points", "duplicates_dropped",
-    "rejected", "devices",
+    "bucket",
+    "points_read",
+    "power_w_points",
+    "energy_wh_points",
+    "duplicates_dropped",
+    "rejected",
+    "devices",
 )
 
 
@@ -65,8 +77,11 @@ def minute_buckets(start: datetime, end: datetime) -> pl.DataFrame:
 
 
 def _bucket(col: str = "time") -> pl.Expr:
-    return pl.from_epoch(pl.col(col), "ns").dt.truncate("1m").dt.replace_time_zone("UTC").cast(
-        BUCKET_DTYPE
+    return (
+        pl.from_epoch(pl.col(col), "ns")
+        .dt.truncate("1m")
+        .dt.replace_time_zone("UTC")
+        .cast(BUCKET_DTYPE)
     )
 
 
@@ -100,7 +115,7 @@ def validation_failures(points: pl.DataFrame, known_devices: pl.Series | None) -
     else:
         return pl.DataFrame(schema={"index": pl.Int64, "column": pl.String, "reason": pl.String})
     if cases["index"].null_count():
-        # A failure without a row (a missing column, a wrong dtype) is a contract break, not bad data.
+        # A failure without a row (missing column, wrong dtype) breaks the contract: not bad data.
         raise ValueError(f"raw points do not match the contract: {cases.to_dicts()[:5]}")
     check = pl.col("check")
     word = check.replace_strict(_REASON_WORDS, default=check, return_dtype=pl.String)
@@ -155,9 +170,9 @@ def roll_up_minutes(
     t1 = time.perf_counter()
     rollups = _roll_up(valid, rejected, devices)
     DEVICE_ROLLUP_1M.validate(rollups)
-    quarantine = rejected.with_columns(_bucket().alias("bucket"), pl.col("time").alias(
-        "point_time_ns"
-    )).select(list(QUARANTINE_SCHEMA))
+    quarantine = rejected.with_columns(
+        _bucket().alias("bucket"), pl.col("time").alias("point_time_ns")
+    ).select(list(QUARANTINE_SCHEMA))
     ledger = _ledger(raw, duplicates, rejected, rollups, start, end)
     seconds["roll_up"] = time.perf_counter() - t1
     return MinuteBatch(

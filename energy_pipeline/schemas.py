@@ -5,8 +5,8 @@ Validate collected DataFrames: on a LazyFrame pandera checks the schema only and
 
 from __future__ import annotations
 
-import polars as pl
 import pandera.polars as pa
+import polars as pl
 
 # A household device drawing more than this is a sensor fault, not a load (an EV charger is ~11 kW).
 MAX_POWER_W = 50_000.0

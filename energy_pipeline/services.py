@@ -131,7 +131,9 @@ bind-address = "{LOOPBACK}:{rpc_port}"
             return
         influxd = shutil.which("influxd")
         if influxd is None:
-            raise ServiceError("influxd not found: run ./scripts/bootstrap (installs Debian 'influxdb')")
+            raise ServiceError(
+                "influxd not found: run ./scripts/bootstrap (installs Debian 'influxdb')"
+            )
         _check_port_free(self.port, "InfluxDB")
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "influxdb.conf"
@@ -153,7 +155,7 @@ bind-address = "{LOOPBACK}:{rpc_port}"
 
 @dataclass
 class LocalPostgres:
-    """A PostgreSQL cluster (Debian's binaries) with its data under `root`, run as a non-root user."""
+    """A PostgreSQL cluster (Debian binaries) with its data under `root`, run as a non-root user."""
 
     root: Path
     port: int
@@ -179,7 +181,8 @@ class LocalPostgres:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not found:
             raise ServiceError(
-                "PostgreSQL server binaries not found: run ./scripts/bootstrap (installs Debian 'postgresql')"
+                "PostgreSQL server binaries not found: run ./scripts/bootstrap "
+                "(installs Debian 'postgresql')"
             )
         return Path(found[-1]).parent
 
@@ -190,7 +193,9 @@ class LocalPostgres:
         try:
             pwd.getpwnam("postgres")
         except KeyError as exc:
-            raise ServiceError("running as root but there is no 'postgres' user to run the server") from exc
+            raise ServiceError(
+                "running as root but there is no 'postgres' user to run the server"
+            ) from exc
         return ["runuser", "-u", "postgres", "--", *args]
 
     def ready(self) -> bool:
@@ -227,8 +232,17 @@ class LocalPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(
                 self._as_owner(
-                    [str(bins / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                     "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]
+                    [
+                        str(bins / "initdb"),
+                        "-D",
+                        str(self.data_dir),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                        "--locale=C.UTF-8",
+                    ]
                 ),
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -243,19 +257,34 @@ class LocalPostgres:
             "checkpoint_timeout": "15min",
         }
         if self.fast_unsafe:
-            settings.update({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+            settings.update(
+                {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+            )
         options = " ".join(f"-c {k}={v}" for k, v in settings.items())
         result = subprocess.run(
             self._as_owner(
-                [str(bins / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
-                 "-o", options, "-w", "-t", str(int(timeout_s)), "start"]
+                [
+                    str(bins / "pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(self.log_file),
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    str(int(timeout_s)),
+                    "start",
+                ]
             ),
             check=False,
             capture_output=True,
             text=True,
         )
         if result.returncode != 0:
-            tail = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            tail = (
+                self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            )
             raise ServiceError(f"PostgreSQL failed to start: {result.stderr.strip()}\n{tail}")
         _wait_until(self.ready, timeout_s, f"PostgreSQL on port {self.port}", self.log_file)
 
@@ -264,8 +293,17 @@ class LocalPostgres:
             return
         subprocess.run(
             self._as_owner(
-                [str(self.bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast",
-                 "-w", "-t", str(int(timeout_s)), "stop"]
+                [
+                    str(self.bin_dir() / "pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    str(int(timeout_s)),
+                    "stop",
+                ]
             ),
             check=False,
             capture_output=True,
@@ -277,7 +315,9 @@ class LocalPostgres:
         from psycopg import sql
 
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 

@@ -1,0 +1,63 @@
+"""The single Dagster `Definitions` of energy-pipeline; the environment is read here, once."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from energy_pipeline.assets import build_device_rollup_1m, build_minute_partitions
+from energy_pipeline.config import Settings
+from energy_pipeline.resources import InfluxDBResource, PostgresResource, RollupSettings
+from energy_pipeline.sensors import build_late_data_sensor, build_minute_rollup_sensor
+
+
+def _secret(name: str, env: dict[str, str] | None) -> str | dg.EnvVar | None:
+    """Secrets stay `EnvVar`s (resolved at run time, never shown in the UI) when they are set."""
+    source = os.environ if env is None else env
+    if not source.get(name):
+        return None
+    return source[name] if env is not None else dg.EnvVar(name)
+
+
+def build_definitions(
+    settings: Settings, now: datetime | None = None, secrets_env: dict[str, str] | None = None
+) -> dg.Definitions:
+    """Assets, sensors and resources for the given settings.
+
+    `secrets_env` lets tests pass credentials directly; otherwise they come from the environment.
+    """
+    partitions = build_minute_partitions(now or datetime.now(UTC), settings.raw_retention_days)
+    device_rollup_1m = build_device_rollup_1m(partitions)
+    return dg.Definitions(
+        assets=[device_rollup_1m],
+        sensors=[
+            build_minute_rollup_sensor(device_rollup_1m, partitions),
+            build_late_data_sensor(device_rollup_1m, partitions),
+        ],
+        resources={
+            "influxdb": InfluxDBResource(
+                url=settings.influx_url,
+                database=settings.influx_database,
+                retention_policy=settings.influx_retention_policy,
+                measurement=settings.influx_measurement,
+                username=_secret("INFLUXDB_USERNAME", secrets_env),
+                password=_secret("INFLUXDB_PASSWORD", secrets_env),
+                token=_secret("INFLUXDB_TOKEN", secrets_env),
+            ),
+            "postgres": PostgresResource(dsn=settings.pg_dsn),
+            "rollup_settings": RollupSettings(
+                settle_seconds=settings.settle_seconds,
+                lateness_seconds=settings.lateness_seconds,
+                late_audit_extra_seconds=settings.late_audit_extra_seconds,
+                max_range_minutes=settings.max_range_minutes,
+                chunk_minutes=settings.chunk_minutes,
+            ),
+        },
+        # Minute runs are small: run their steps in the run's own process, not one per step.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions(Settings.from_env())
