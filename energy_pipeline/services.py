@@ -78,6 +78,7 @@ class LocalInflux:
 
     root: Path
     port: int
+    auth: bool = False  # require username/password (create the first admin with `create_admin`)
 
     @property
     def url(self) -> str:
@@ -108,6 +109,7 @@ bind-address = "{LOOPBACK}:{rpc_port}"
   query-timeout = "0s"
 [http]
   bind-address = "{LOOPBACK}:{self.port}"
+  auth-enabled = {"true" if self.auth else "false"}
   log-enabled = false
   max-body-size = 0
 [monitor]
@@ -115,6 +117,14 @@ bind-address = "{LOOPBACK}:{rpc_port}"
 [continuous_queries]
   enabled = false
 """
+
+    def create_admin(self, username: str, password: str) -> None:
+        """Create the first admin user (allowed without credentials while no user exists)."""
+        # InfluxQL has no bound parameters for CREATE USER: accept only plain words.
+        if not (username.isidentifier() and password.isalnum()):
+            raise ServiceError("admin username must be an identifier and password alphanumeric")
+        stmt = f"CREATE USER \"{username}\" WITH PASSWORD '{password}' WITH ALL PRIVILEGES"
+        requests.post(f"{self.url}/query", data={"q": stmt}, timeout=10).raise_for_status()
 
     def ping(self) -> bool:
         try:

@@ -1,0 +1,219 @@
+"""`energy-pipeline` command line: local services, migrations, the simulator and the live stack."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from energy_pipeline.config import PROJECT_ROOT, ConfigError, Settings
+from energy_pipeline.influx import InfluxClient, InfluxError
+from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError
+from energy_pipeline.storage import StorageError
+
+
+def _servers(settings: Settings) -> tuple[LocalInflux, LocalPostgres]:
+    return (
+        LocalInflux(settings.data_dir / "influxdb", settings.influx_port),
+        LocalPostgres(settings.data_dir / "postgres", settings.pg_port),
+    )
+
+
+def _influx(settings: Settings) -> InfluxClient:
+    return InfluxClient(
+        settings.influx_url,
+        settings.influx_database,
+        retention_policy=settings.influx_retention_policy,
+        username=settings.secrets.get("INFLUXDB_USERNAME"),
+        password=settings.secrets.get("INFLUXDB_PASSWORD"),
+        token=settings.secrets.get("INFLUXDB_TOKEN"),
+    )
+
+
+def services_up(settings: Settings) -> None:
+    """Start local InfluxDB and PostgreSQL, create databases and migrate the schema."""
+    from energy_pipeline.migrations import upgrade
+
+    influx, pg = _servers(settings)
+    influx.start()
+    print(f"InfluxDB   {influx.url} (data {influx.root})")
+    pg.start()
+    print(f"PostgreSQL {pg.dsn()} (data {pg.root})")
+    _influx(settings).create_database()
+    for db in ("energy", "dagster"):
+        pg.create_database(db)
+    upgrade(settings.pg_dsn)
+    print(f"schema 'energy' migrated in {settings.pg_dsn}")
+
+
+def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
+    influx, pg = _servers(settings)
+    if args.action == "up":
+        services_up(settings)
+    elif args.action == "down":
+        pg.stop()
+        influx.stop()
+        print("stopped")
+    else:
+        for name, server in (("InfluxDB", influx), ("PostgreSQL", pg)):
+            state = "running" if server.running() else "stopped"
+            print(f"{name:<11} {state:<8} port {server.port}  data {server.root}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from energy_pipeline.migrations import upgrade
+
+    upgrade(settings.pg_dsn)
+    print(f"schema 'energy' is at the newest revision in {settings.pg_dsn}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from energy_pipeline.telemetry_writer import SimulationOptions, run_history, run_live
+
+    options = SimulationOptions(
+        devices=args.devices,
+        seed=args.seed,
+        faults=tuple(f for f in (args.faults or "").split(",") if f),
+        fault_rate=args.fault_rate,
+        hostile_ids=args.hostile,
+        register=not args.no_register,
+    )
+    influx = _influx(settings)
+    influx.create_database()
+    if args.minutes:
+        end = datetime.now(UTC).replace(second=0, microsecond=0)
+        run_history(influx, settings, options, end - timedelta(minutes=args.minutes), end)
+    else:
+        run_live(influx, settings, options, duration_s=args.duration)
+    return 0
+
+
+def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
+    """Services, simulator, Dagster webserver and daemon, until Ctrl-C."""
+    services_up(settings)
+    dagster_home = settings.data_dir / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "DAGSTER_PG_URL": settings.dagster_pg_url,
+    }
+    bin_dir = Path(sys.executable).parent
+    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "simulator": [str(bin_dir / "energy-pipeline"), "simulate", "--devices", str(args.devices)]
+        + (["--faults", args.faults] if args.faults else []),
+        "daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
+        "webserver": [
+            str(bin_dir / "dagster-webserver"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(args.port),
+            "-w",
+            workspace,
+        ],
+    }
+    procs: dict[str, subprocess.Popen] = {}
+    for name, command in commands.items():
+        log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        procs[name] = subprocess.Popen(
+            command, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        print(f"started {name:<9} pid {procs[name].pid}, log {logs / (name + '.log')}")
+    print(
+        f"\nDagster UI: http://127.0.0.1:{args.port}  (sensors start by themselves)\n"
+        f"Rollups:    psql '{settings.pg_dsn}' -c 'SELECT * FROM energy.device_rollup_1m "
+        "ORDER BY bucket DESC LIMIT 10'\nCtrl-C stops the simulator, webserver and daemon "
+        "(servers keep running; `energy-pipeline services down` stops them)."
+    )
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; see {logs / name}.log")
+                    stop["now"] = True
+            if args.duration and time.monotonic() - _START > args.duration:
+                break
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return 0
+
+
+_START = time.monotonic()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="energy-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("services", help="install-free control of the local InfluxDB/PostgreSQL")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser("migrate", help="apply schema migrations to ENERGY_PG_DSN")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("simulate", help="write simulated device telemetry to InfluxDB")
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--minutes", type=int, default=0, help="write N minutes of history and exit")
+    p.add_argument("--duration", type=float, default=0, help="live: stop after N seconds")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--faults",
+        default="",
+        help="comma-separated: duplicate,out_of_order,late,"
+        "missing_field,negative,absurd,unknown_device",
+    )
+    p.add_argument("--fault-rate", type=float, default=0.01)
+    p.add_argument("--hostile", action="store_true", help="include hostile tag values")
+    p.add_argument("--no-register", action="store_true", help="do not register devices in PG")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("live", help="services + simulator + Dagster webserver and daemon")
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--faults", default="")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: Ctrl-C)")
+    p.set_defaults(func=cmd_live)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return int(args.func(args, settings) or 0)
+    except (ConfigError, ServiceError, InfluxError, StorageError) as exc:
+        print(f"energy-pipeline: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
