@@ -1,0 +1,183 @@
+"""device_rollup_1m against real InfluxDB and PostgreSQL servers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import polars as pl
+import psycopg
+import pytest
+
+from energy_pipeline import storage
+from energy_pipeline.influx import InfluxClient
+from energy_pipeline.lineprotocol import encode_points
+from energy_pipeline.simulator import FAULTS, build_fleet, generate_points, inject_faults
+from energy_pipeline_tests.helpers import (
+    base_minute,
+    close,
+    fetch_quarantine,
+    fetch_rollups,
+    independent_rollup,
+    materialize_minutes,
+)
+
+ALL_FAULTS = [f for f in FAULTS if f != "hostile_tags"]
+NS = 1_000_000_000
+
+
+def _write(client: InfluxClient, points: pl.DataFrame) -> list[dict]:
+    client.write_lines(encode_points(points))
+    return points.to_dicts()
+
+
+def _messy_minutes(settings, influx_db: InfluxClient, minutes: int = 3, devices: int = 20):
+    """Write `minutes` of a hostile fleet with every fault; register the fleet; return what was
+    written, the registry and the first minute."""
+    fleet = build_fleet(devices, seed=7, devices_per_household=4, hostile_ids=True)
+    with psycopg.connect(settings.pg_dsn) as conn:
+        storage.upsert_devices(conn, fleet)
+    first = base_minute(20)
+    points = generate_points(fleet, int(first.timestamp()) * NS, 60 * minutes, seed=7)
+    batch = inject_faults(points, ALL_FAULTS, rate=0.02, seed=7)
+    written = _write(influx_db, batch.points) + _write(influx_db, batch.late)
+    known = dict(zip(fleet["device_id"], fleet["household_id"], strict=True))
+    return written, known, first, batch.counts
+
+
+def _assert_matches(dsn: str, expected: dict) -> None:
+    rows = fetch_rollups(dsn)
+    assert len(rows) == len(expected)
+    for device, bucket, household, n, avg, mn, mx, energy, rejected in rows:
+        want = expected[(device, bucket)]
+        assert household == want["household_id"]
+        assert n == want["sample_count"]
+        assert rejected == want["rejected_count"]
+        for got, key in ((avg, "power_w_avg"), (mn, "power_w_min"), (mx, "power_w_max"),
+                         (energy, "energy_wh_sum")):  # fmt: skip
+            assert close(got, want[key]), (device, bucket, key, got, want[key])
+
+
+def test_rollup_equals_independent_computation_of_messy_points(settings, influx_db):
+    written, known, first, counts = _messy_minutes(settings, influx_db)
+    assert all(counts[f] > 0 for f in ("duplicate", "negative", "absurd", "missing_field", "late"))
+
+    result = materialize_minutes(settings, first, first + timedelta(minutes=2))
+
+    expected = independent_rollup(written, known)
+    _assert_matches(settings.pg_dsn, expected)
+    assert {r[0] for r in fetch_rollups(settings.pg_dsn)} == set(known)  # hostile ids round-trip
+    quarantine = fetch_quarantine(settings.pg_dsn)
+    reasons = {r[-1] for r in quarantine}
+    assert "device_id: unknown device" in reasons
+    assert {"power_w: missing", "energy_wh: missing"} <= reasons
+    assert any("power_w: in_range" in r for r in reasons)
+    rejected_known = sum(v["rejected_count"] for v in expected.values())
+    unknown_devices = sum(1 for r in quarantine if "unknown device" in r[-1])
+    assert len(quarantine) == rejected_known + unknown_devices
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["rejected"].value == len(quarantine)
+    assert meta["rows_written"].value == len(expected)
+    for stage in ("read", "validate", "roll_up", "write"):
+        assert meta[f"seconds_{stage}"].value >= 0
+
+
+def test_rerun_gives_identical_rows_and_ranged_run_equals_minute_runs(settings, influx_db):
+    _, _, first, _ = _messy_minutes(settings, influx_db)
+    last = first + timedelta(minutes=2)
+    materialize_minutes(settings, first, last)
+    rollups, quarantine = fetch_rollups(settings.pg_dsn), fetch_quarantine(settings.pg_dsn)
+
+    materialize_minutes(settings, first, last)
+    assert fetch_rollups(settings.pg_dsn) == rollups
+    assert fetch_quarantine(settings.pg_dsn) == quarantine
+
+    for i in range(3):
+        minute = first + timedelta(minutes=i)
+        materialize_minutes(settings, minute, minute)
+    assert fetch_rollups(settings.pg_dsn) == rollups
+    assert fetch_quarantine(settings.pg_dsn) == quarantine
+
+
+def test_two_runs_of_the_same_minutes_at_once_leave_no_duplicates(settings, influx_db):
+    written, known, first, _ = _messy_minutes(settings, influx_db)
+    last = first + timedelta(minutes=2)
+    results = []
+
+    def run() -> None:
+        results.append(materialize_minutes(settings, first, last, raise_on_error=False).success)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True, True]
+    _assert_matches(settings.pg_dsn, independent_rollup(written, known))
+    with psycopg.connect(settings.pg_dsn) as conn:
+        ledger = conn.execute("SELECT count(*) FROM energy.rollup_minutes").fetchone()[0]
+    assert ledger == 3
+
+
+def test_failure_mid_write_keeps_previous_rows_and_next_run_repairs(
+    settings, influx_db, monkeypatch
+):
+    written, known, first, _ = _messy_minutes(settings, influx_db, minutes=1)
+    materialize_minutes(settings, first, first)
+    before = fetch_rollups(settings.pg_dsn), fetch_quarantine(settings.pg_dsn)
+
+    # New points arrive for the minute; the next run dies after deleting and copying rollups.
+    fleet = build_fleet(20, seed=7, devices_per_household=4, hostile_ids=True)
+    extra = generate_points(fleet.head(3), int(first.timestamp()) * NS + NS // 2, 1, seed=9)
+    extra = extra.with_columns(pl.col("time") + NS // 2)
+    written += _write(influx_db, extra)
+    real_copy = storage._copy_frame
+
+    def copy_then_fail(cur, table, frame):
+        real_copy(cur, table, frame)
+        if table == "device_rollup_1m":
+            raise RuntimeError("injected failure after writing rollups")
+
+    monkeypatch.setattr(storage, "_copy_frame", copy_then_fail)
+    assert not materialize_minutes(settings, first, first, raise_on_error=False).success
+    assert (fetch_rollups(settings.pg_dsn), fetch_quarantine(settings.pg_dsn)) == before
+
+    monkeypatch.setattr(storage, "_copy_frame", real_copy)
+    materialize_minutes(settings, first, first)
+    _assert_matches(settings.pg_dsn, independent_rollup(written, known))
+    assert fetch_rollups(settings.pg_dsn) != before[0]
+
+
+def test_injection_through_tag_values_does_no_harm(settings, influx_db):
+    written, known, first, _ = _messy_minutes(settings, influx_db, minutes=1)
+    materialize_minutes(settings, first, first)
+    hostile = "x' OR 1=1; DROP MEASUREMENT telemetry; --"
+    assert hostile in known
+    # The measurement and every point survive; a bound-parameter query finds exactly its points.
+    measurements = influx_db.query_json("SHOW MEASUREMENTS")[0]["series"][0]["values"]
+    assert ["telemetry"] in measurements
+    frame = influx_db.query_frame(
+        'SELECT "power_w" FROM "telemetry" WHERE "device_id" = $d', {"d": hostile}
+    )
+    assert frame.height == len({p["time"] for p in written if p["device_id"] == hostile})
+    assert frame.height > 0
+
+
+def test_minute_without_points_writes_empty_ledger_row(settings, influx_db):
+    minute = base_minute(30)
+    result = materialize_minutes(settings, minute, minute)
+    assert result.success
+    assert fetch_rollups(settings.pg_dsn) == []
+    with psycopg.connect(settings.pg_dsn) as conn:
+        row = conn.execute("SELECT points_read, devices FROM energy.rollup_minutes").fetchall()
+    assert row == [(0, 0)]
+
+
+@pytest.mark.parametrize("chunk_minutes", [1, 2, 5])
+def test_chunk_size_does_not_change_results(settings, influx_db, chunk_minutes):
+    from dataclasses import replace
+
+    written, known, first, _ = _messy_minutes(settings, influx_db, minutes=3, devices=10)
+    materialize_minutes(replace(settings, chunk_minutes=chunk_minutes), first,
+                        first + timedelta(minutes=2))  # fmt: skip
+    _assert_matches(settings.pg_dsn, independent_rollup(written, known))
