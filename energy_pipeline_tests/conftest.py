@@ -61,7 +61,9 @@ def pg_dsn(pg_server: LocalPostgres) -> Iterator[str]:
         )
     yield pg_server.dsn(name)
     with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture

@@ -1,0 +1,167 @@
+"""Sensors tick by tick against real servers: new minutes, catch-up, repairs and late data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import psycopg
+import pytest
+
+from energy_pipeline import sensors
+from energy_pipeline.definitions import build_definitions
+from energy_pipeline.scheduling import MINUTE, parse_partition_key, partition_key
+from energy_pipeline_tests.helpers import base_minute, fetch_rollups, materialize_minutes
+
+NOW = base_minute(0) + timedelta(seconds=15)
+
+
+@pytest.fixture
+def frozen_now(monkeypatch):
+    monkeypatch.setattr(sensors, "utcnow", lambda: NOW)
+    return NOW
+
+
+def _tick(settings, name: str, instance: dg.DagsterInstance, cursor: str | None = None):
+    defs = build_definitions(settings)
+    sensor = defs.get_repository_def().get_sensor_def(name)
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=defs.resources, definitions=defs
+    )
+    return sensor.evaluate_tick(context)
+
+
+def _minutes_of(request: dg.RunRequest) -> list[datetime]:
+    tags = request.tags
+    if request.partition_key:
+        return [parse_partition_key(request.partition_key)]
+    first = parse_partition_key(tags["dagster/asset_partition_range_start"])
+    last = parse_partition_key(tags["dagster/asset_partition_range_end"])
+    return [first + i * MINUTE for i in range(int((last - first) / MINUTE) + 1)]
+
+
+def _run(settings, request: dg.RunRequest, instance=None) -> None:
+    minutes = _minutes_of(request)
+    materialize_minutes(settings, minutes[0], minutes[-1], instance=instance)
+
+
+def test_first_tick_requests_the_newest_settled_minute_with_a_stable_key(settings, frozen_now):
+    instance = dg.DagsterInstance.ephemeral()
+    settings = replace(settings, settle_seconds=10)
+    result = _tick(settings, "minute_rollup_sensor", instance)
+    assert [_minutes_of(r) for r in result.run_requests] == [[NOW.replace(second=0) - MINUTE]]
+    again = _tick(settings, "minute_rollup_sensor", instance)
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in result.run_requests]
+    # Not settled yet: with a 20 s settle delay at hh:mm:15 the previous minute is not due.
+    late_settle = _tick(replace(settings, settle_seconds=20), "minute_rollup_sensor", instance)
+    assert [_minutes_of(r) for r in late_settle.run_requests] == [
+        [NOW.replace(second=0) - 2 * MINUTE]
+    ]
+
+
+@pytest.mark.parametrize(("max_range", "runs"), [(60, 1), (10, 3), (7, 5)])
+def test_thirty_minute_gap_is_caught_up_in_ranged_runs_without_gap_or_overlap(
+    settings, frozen_now, max_range, runs
+):
+    instance = dg.DagsterInstance.ephemeral()
+    settings = replace(settings, max_range_minutes=max_range)
+    newest = NOW.replace(second=0) - MINUTE
+    last_seen = newest - 30 * MINUTE
+    cursor = json.dumps({"last": partition_key(last_seen), "repair_after": 1e12})
+    result = _tick(settings, "minute_rollup_sensor", instance, cursor)
+    covered = [m for r in result.run_requests for m in _minutes_of(r)]
+    assert covered == [last_seen + i * MINUTE for i in range(1, 31)]
+    assert len(result.run_requests) == runs
+    assert json.loads(result.cursor)["last"] == partition_key(newest)
+    # The next tick at the same time requests nothing new.
+    assert not _tick(settings, "minute_rollup_sensor", instance, result.cursor).run_requests
+
+
+def test_requests_execute_and_catch_up_writes_every_minute(settings, influx_db, frozen_now):
+    """The sensor's ranged requests run as-is and leave one ledger row per minute."""
+    instance = dg.DagsterInstance.ephemeral()
+    newest = NOW.replace(second=0) - MINUTE
+    cursor = json.dumps({"last": partition_key(newest - 12 * MINUTE), "repair_after": 1e12})
+    result = _tick(replace(settings, max_range_minutes=5), "minute_rollup_sensor", instance, cursor)
+    for request in result.run_requests:
+        _run(settings, request, instance)
+    with psycopg.connect(settings.pg_dsn) as conn:
+        buckets = [
+            r[0] for r in conn.execute("SELECT bucket FROM energy.rollup_minutes ORDER BY 1")
+        ]
+    assert buckets == [newest - i * MINUTE for i in range(11, -1, -1)]
+
+
+def test_failed_minutes_are_requested_again_with_a_new_key(settings, influx_db, frozen_now):
+    instance = dg.DagsterInstance.ephemeral()
+    newest = NOW.replace(second=0) - MINUTE
+    # Minutes newest-5 .. newest-1 were requested before; all but newest-3 were rolled up.
+    for m in (newest - 5 * MINUTE, newest - 4 * MINUTE, newest - 2 * MINUTE, newest - MINUTE):
+        materialize_minutes(settings, m, m)
+    cursor = json.dumps({"last": partition_key(newest - MINUTE)})
+    settings = replace(settings, lateness_seconds=5 * 60)
+    result = _tick(settings, "minute_rollup_sensor", instance, cursor)
+    by_origin = {r.tags[sensors.ORIGIN_TAG]: r for r in result.run_requests}
+    assert _minutes_of(by_origin["minutes"]) == [newest]
+    assert _minutes_of(by_origin["repair"]) == [newest - 3 * MINUTE]
+    assert by_origin["repair"].run_key.startswith("repair:")
+    # Backoff: an immediate second tick does not repeat the repair.
+    again = _tick(settings, "minute_rollup_sensor", instance, result.cursor)
+    assert not [r for r in again.run_requests if r.tags[sensors.ORIGIN_TAG] == "repair"]
+
+
+def test_late_point_within_window_is_recomputed_after_next_tick(settings, influx_db, frozen_now):
+    instance = dg.DagsterInstance.ephemeral()
+    minute = NOW.replace(second=0) - 10 * MINUTE
+    ns = int(minute.timestamp()) * 10**9
+    influx_db.write_lines(
+        [f"telemetry,device_id=d1,household_id=h1 power_w=100.0,energy_wh=0.5 {ns}"]
+    )
+    with psycopg.connect(settings.pg_dsn) as conn:
+        conn.execute("INSERT INTO energy.devices (device_id, household_id) VALUES ('d1', 'h1')")
+    materialize_minutes(settings, minute, minute)
+    assert not _tick(settings, "late_data_sensor", instance).run_requests
+
+    late_ns = ns + 30 * 10**9
+    influx_db.write_lines(
+        [f"telemetry,device_id=d1,household_id=h1 power_w=300.0,energy_wh=1.5 {late_ns}"]
+    )
+    result = _tick(settings, "late_data_sensor", instance)
+    assert [_minutes_of(r) for r in result.run_requests] == [[minute]]
+    _run(settings, result.run_requests[0], instance)
+    assert fetch_rollups(settings.pg_dsn) == [("d1", minute, "h1", 2, 200.0, 100.0, 300.0, 2.0, 0)]
+    assert not _tick(settings, "late_data_sensor", instance).run_requests
+
+
+def test_late_points_beyond_window_are_counted_not_recomputed(settings, influx_db, frozen_now):
+    instance = dg.DagsterInstance.ephemeral()
+    settings = replace(settings, lateness_seconds=5 * 60, late_audit_extra_seconds=3600)
+    minute = NOW.replace(second=0) - 30 * MINUTE
+    ns = int(minute.timestamp()) * 10**9
+    materialize_minutes(settings, minute, minute)
+    influx_db.write_lines(
+        [f"telemetry,device_id=d1,household_id=h1 power_w=1.0,energy_wh=0.1 {ns + i * 10**9}"
+         for i in range(3)]
+    )  # fmt: skip
+    result = _tick(settings, "late_data_sensor", instance)
+    assert not result.run_requests
+    with psycopg.connect(settings.pg_dsn) as conn:
+        ignored = conn.execute(
+            "SELECT late_points_ignored FROM energy.rollup_minutes WHERE bucket = %s", (minute,)
+        ).fetchone()[0]
+    assert ignored == 3
+
+
+def test_partition_set_is_bounded_to_the_retention_window():
+    from energy_pipeline.assets import build_minute_partitions
+
+    for days in (1, 30, 65):
+        now = datetime(2026, 11, 24, 13, 37, 5, tzinfo=UTC)
+        parts = build_minute_partitions(now, days)
+        keys = parts.get_partition_keys(current_time=now)
+        assert len(keys) <= (days + 1) * 1440 < 100_000
+        first_day = (now - timedelta(days=days)).date()
+        assert keys[0] == f"{first_day:%Y-%m-%d}-00:00"
+        assert keys[-1] == "2026-11-24-13:36"  # the last closed minute, never an open one
