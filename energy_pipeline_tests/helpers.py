@@ -94,7 +94,7 @@ def independent_rollup(written: list[dict], known: dict[str, str]) -> dict[tuple
         merged = stored.setdefault(key, {})
         merged.update({k: v for k, v in p.items() if v is not None})
     by_device_time: dict[tuple, dict] = {}
-    for (device, household, t), p in sorted(stored.items()):
+    for (device, _household, t), p in sorted(stored.items()):
         by_device_time.setdefault((device, t), p)
     groups: dict[tuple, dict] = defaultdict(
         lambda: {"powers": [], "energy": 0.0, "rejected": 0, "household": None}
