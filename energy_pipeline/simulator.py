@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
@@ -360,7 +361,7 @@ def _programme(
 ) -> pl.Expr:
     """A programme run at most once a day: `(end second, watts)` phases, idle draw otherwise."""
     since = _session(stream, anchor_h, start_h, (phases[-1][0], phases[-1][0]), probability)
-    watts = pl.when(since.is_null()).then(pl.col("off_w"))
+    watts: Any = pl.when(since.is_null()).then(pl.col("off_w"))
     for end_s, phase_w in phases:
         watts = watts.when(since < end_s).then(phase_w)
     return _noisy(watts.otherwise(pl.col("off_w")), 0.04, 10)

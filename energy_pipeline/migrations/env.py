@@ -9,7 +9,12 @@ MIGRATION_LOCK_KEY = 7_205_511_001
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+    url = context.config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError(
+            "sqlalchemy.url is not set: run migrations through energy_pipeline.migrations"
+        )
+    engine = create_engine(url)
     with engine.connect() as conn:
         # Two processes starting at once (webserver, daemon, tests) must not migrate twice.
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})

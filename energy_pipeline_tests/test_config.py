@@ -1,0 +1,48 @@
+"""Settings from the environment and clear errors for bad configuration or dead servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from energy_pipeline.config import ConfigError, Settings
+from energy_pipeline.services import LocalPostgres, ServiceError, free_port
+from energy_pipeline.storage import StorageError, connect
+
+
+def test_defaults_point_at_the_local_stack():
+    s = Settings.from_env({})
+    assert s.influx_url == "http://127.0.0.1:18086"
+    assert s.pg_dsn == "postgresql://postgres@127.0.0.1:15432/energy"
+    assert (s.raw_retention_days, s.settle_seconds, s.lateness_seconds) == (30, 10, 7200)
+
+
+def test_environment_overrides_and_secrets_stay_out_of_repr():
+    s = Settings.from_env({"INFLUXDB_URL": "http://127.0.0.1:9", "INFLUXDB_PASSWORD": "hunter2",
+                           "ENERGY_LATENESS_SECONDS": "60"})  # fmt: skip
+    assert s.influx_url == "http://127.0.0.1:9"
+    assert s.lateness_seconds == 60
+    assert s.secrets["INFLUXDB_PASSWORD"] == "hunter2"
+    assert "hunter2" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ENERGY_SETTLE_SECONDS": "soon"}, "must be an integer"),
+        ({"ENERGY_CHUNK_MINUTES": "0"}, "must be >= 1"),
+        ({"ENERGY_RAW_RETENTION_DAYS": "90"}, "100,000"),
+    ],
+)
+def test_bad_settings_are_clear_errors(env, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_unreachable_postgres_is_a_clear_error():
+    with pytest.raises(StorageError, match="cannot connect to PostgreSQL"):
+        connect(f"postgresql://postgres@127.0.0.1:{free_port()}/energy")
+
+
+def test_taken_port_is_reported_before_starting(tmp_path, pg_server):
+    with pytest.raises(ServiceError, match="already taken"):
+        LocalPostgres(tmp_path / "pg", pg_server.port).start()

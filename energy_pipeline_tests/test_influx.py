@@ -1,0 +1,105 @@
+"""InfluxDB client against a real server: reads, quoting, errors, authentication."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import pytest
+
+from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident, to_ns
+from energy_pipeline.services import LocalInflux, free_port
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+NS = to_ns(T0)
+
+
+def test_read_points_round_trips_hostile_tags_and_missing_fields(influx_db: InfluxClient):
+    influx_db.write_lines(
+        [
+            f'telemetry,device_id=a\\ b\\,c\\=d,household_id=h"1 power_w=1.5,energy_wh=0.25 {NS}',
+            f"telemetry,device_id=caf\u00e9;'x',household_id=h2 power_w=2.0 {NS + 10**9}",
+            f"telemetry,device_id=z,household_id=h2 power_w=9.0 {NS + 60 * 10**9}",  # next minute
+        ]
+    )
+    frame = influx_db.read_points("telemetry", T0, T0.replace(minute=1))
+    assert frame.columns == [
+        "time",
+        "power_w",
+        "energy_wh",
+        "voltage_v",
+        "device_id",
+        "household_id",
+    ]
+    assert frame.sort("time").rows() == [
+        (NS, "1.5", "0.25", None, "a b,c=d", 'h"1'),
+        (NS + 10**9, "2", None, None, "caf\u00e9;'x'", "h2"),
+    ]
+
+
+def test_empty_window_gives_an_empty_frame_with_the_schema(influx_db: InfluxClient):
+    frame = influx_db.read_points("telemetry", T0, T0.replace(minute=1))
+    assert frame.height == 0
+    assert frame.schema["time"] == pl.Int64
+
+
+def test_measurement_names_are_quoted_not_pasted(influx_db: InfluxClient):
+    influx_db.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
+    evil = 'telemetry" WHERE 1=1; DROP MEASUREMENT "telemetry'
+    assert influx_db.read_points(evil, T0, T0.replace(minute=1)).height == 0
+    assert influx_db.read_points("telemetry", T0, T0.replace(minute=1)).height == 1
+    assert quote_ident('a"b\\') == '"a\\"b\\\\"'
+
+
+def test_unknown_database_is_a_clear_error(influx_server: LocalInflux):
+    client = InfluxClient(influx_server.url, "no_such_db")
+    with pytest.raises(InfluxError, match="'no_such_db' does not exist"):
+        client.read_points("telemetry", T0, T0.replace(minute=1))
+
+
+def test_unreachable_server_is_a_clear_error_after_retries():
+    client = InfluxClient(f"http://127.0.0.1:{free_port()}", "x", retries=2, backoff_s=0.01)
+    with pytest.raises(InfluxError, match="cannot reach InfluxDB|kept failing"):
+        client.ping()
+
+
+def test_bad_query_reports_influxdb_message(influx_db: InfluxClient):
+    with pytest.raises(InfluxError, match="error parsing query"):
+        influx_db.query_frame("SELEC nonsense")
+
+
+@pytest.mark.parametrize(("url", "database"), [("localhost:8086", "db"), ("http://x", "")])
+def test_bad_configuration_is_rejected(url: str, database: str):
+    with pytest.raises(InfluxError):
+        InfluxClient(url, database)
+
+
+def test_naive_datetimes_are_rejected():
+    with pytest.raises(ValueError, match="naive"):
+        to_ns(datetime(2026, 1, 1))
+
+
+def test_username_password_auth_against_a_server_that_requires_it(tmp_path):
+    tmp_path.chmod(0o755)
+    server = LocalInflux(tmp_path / "influx-auth", free_port(), auth=True)
+    server.start()
+    try:
+        server.create_admin("admin", "s3cret")
+        good = InfluxClient(server.url, "authdb", username="admin", password="s3cret")
+        good.create_database()
+        good.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
+        assert good.read_points("telemetry", T0, T0.replace(minute=1)).height == 1
+        bad = InfluxClient(server.url, "authdb", username="admin", password="wrong")
+        with pytest.raises(InfluxError, match="refused the credentials"):
+            bad.read_points("telemetry", T0, T0.replace(minute=1))
+        anonymous = InfluxClient(server.url, "authdb")
+        with pytest.raises(InfluxError, match="refused the credentials"):
+            anonymous.read_points("telemetry", T0, T0.replace(minute=1))
+    finally:
+        server.stop()
+
+
+def test_token_is_sent_as_authorization_header_and_never_shown():
+    client = InfluxClient("http://127.0.0.1:1", "db", token="tok-123")
+    assert client.session.headers["Authorization"] == "Token tok-123"
+    assert "tok-123" not in repr(client)
