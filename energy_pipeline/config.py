@@ -31,6 +31,15 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def dagster_storage_url(url: str) -> str:
+    """Pin dagster-postgres to psycopg2: SQLAlchemy 2.1 maps plain `postgresql://` to psycopg 3,
+    whose server-side parameters break dagster-postgres' `NOTIFY run_events, %s`."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the pipeline and the local stack need to know about their surroundings."""
@@ -68,7 +77,7 @@ class Settings:
             influx_retention_policy=env.get("INFLUXDB_RETENTION_POLICY") or "",
             influx_measurement=env.get("INFLUXDB_MEASUREMENT") or "telemetry",
             pg_dsn=env.get("ENERGY_PG_DSN") or f"{local_pg}/energy",
-            dagster_pg_url=env.get("DAGSTER_PG_URL") or f"{local_pg}/dagster",
+            dagster_pg_url=dagster_storage_url(env.get("DAGSTER_PG_URL") or f"{local_pg}/dagster"),
             raw_retention_days=_int(env, "ENERGY_RAW_RETENTION_DAYS", 30, 1),
             settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 10),
             lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),

@@ -23,6 +23,7 @@ ORIGINS = ("minutes", "repair", "late")
 # Failed or lost minutes are requested again at most this often, so an outage does not turn into
 # a storm of failing runs.
 REPAIR_BACKOFF = timedelta(seconds=60)
+IN_FLIGHT_HORIZON = timedelta(minutes=30)
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -68,10 +69,18 @@ def _requests(
     ]
 
 
-def in_flight_minutes(instance: dg.DagsterInstance) -> set[datetime]:
-    """Minutes covered by rollup runs that are queued or running."""
+def in_flight_minutes(instance: dg.DagsterInstance, now: datetime) -> set[datetime]:
+    """Minutes covered by rollup runs that are queued or running.
+
+    Runs created long ago that still look in flight were orphaned (e.g. a daemon died while
+    submitting them); they must not block their minutes forever.
+    """
     runs = instance.get_runs(
-        filters=dg.RunsFilter(statuses=IN_FLIGHT, tags={ORIGIN_TAG: list(ORIGINS)})
+        filters=dg.RunsFilter(
+            statuses=IN_FLIGHT,
+            tags={ORIGIN_TAG: list(ORIGINS)},
+            created_after=now - IN_FLIGHT_HORIZON,
+        )
     )
     out: set[datetime] = set()
     for run in runs:
@@ -104,6 +113,9 @@ def build_minute_rollup_sensor(
         now = utcnow()
         cursor = json.loads(context.cursor) if context.cursor else {}
         last = parse_partition_key(cursor["last"]) if cursor.get("last") else None
+        # Repairs never reach before the first minute this sensor requested: older history is a
+        # backfill decision, not a repair.
+        since = parse_partition_key(cursor["since"]) if cursor.get("since") else None
         newest = newest_due_minute(now, rollup_settings.settle_seconds)
         if newest < earliest:
             return dg.SkipReason("no closed minute inside the partition range yet")
@@ -113,10 +125,14 @@ def build_minute_rollup_sensor(
 
         repair_after = cursor.get("repair_after", 0.0)
         if last is not None and now.timestamp() >= repair_after:
-            lookback = max(earliest, newest - timedelta(seconds=rollup_settings.lateness_seconds))
+            lookback = max(
+                earliest,
+                since or earliest,
+                newest - timedelta(seconds=rollup_settings.lateness_seconds),
+            )
             with postgres.connect() as conn:
                 done = set(ledger_between(conn, lookback, last + MINUTE)["bucket"].to_list())
-            busy = in_flight_minutes(context.instance)
+            busy = in_flight_minutes(context.instance, now)
             missing = [m for m in minutes_between(lookback, last) if m not in done | busy]
             if missing:
                 context.log.warning(f"re-requesting {len(missing)} minutes without rollups")
@@ -125,7 +141,11 @@ def build_minute_rollup_sensor(
                 )
                 repair_after = (now + REPAIR_BACKOFF).timestamp()
 
-        new_cursor = {"last": partition_key(newest), "repair_after": repair_after}
+        new_cursor = {
+            "last": partition_key(newest),
+            "since": partition_key(since or (fresh[0] if fresh else newest)),
+            "repair_after": repair_after,
+        }
         if not requests:
             return dg.SensorResult(skip_reason="nothing due", cursor=json.dumps(new_cursor))
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(new_cursor))
@@ -205,7 +225,7 @@ def build_late_data_sensor(
                     f"{too_late.height} minutes older than the lateness window; not recomputed, "
                     "recorded in energy.rollup_minutes.late_points_ignored"
                 )
-        busy = in_flight_minutes(context.instance)
+        busy = in_flight_minutes(context.instance, now)
         due = [
             m for m in late.filter(pl.col("bucket") >= cutoff)["bucket"].to_list() if m not in busy
         ]

@@ -15,7 +15,8 @@ from energy_pipeline.definitions import build_definitions
 from energy_pipeline.scheduling import MINUTE, parse_partition_key, partition_key
 from energy_pipeline_tests.helpers import base_minute, fetch_rollups, materialize_minutes
 
-NOW = base_minute(0) + timedelta(seconds=15)
+# In the past, so every minute the sensor requests at NOW already exists as a partition.
+NOW = base_minute(1) + timedelta(seconds=15)
 
 
 @pytest.fixture
@@ -165,3 +166,15 @@ def test_partition_set_is_bounded_to_the_retention_window():
         first_day = (now - timedelta(days=days)).date()
         assert keys[0] == f"{first_day:%Y-%m-%d}-00:00"
         assert keys[-1] == "2026-11-24-13:36"  # the last closed minute, never an open one
+
+
+def test_first_start_does_not_turn_history_into_repairs(settings, influx_db, monkeypatch):
+    instance = dg.DagsterInstance.ephemeral()
+    monkeypatch.setattr(sensors, "utcnow", lambda: NOW)
+    first = _tick(settings, "minute_rollup_sensor", instance)
+    for request in first.run_requests:
+        _run(settings, request, instance)
+    monkeypatch.setattr(sensors, "utcnow", lambda: NOW + MINUTE)
+    second = _tick(settings, "minute_rollup_sensor", instance, first.cursor)
+    assert [r.tags[sensors.ORIGIN_TAG] for r in second.run_requests] == ["minutes"]
+    assert _minutes_of(second.run_requests[0]) == [NOW.replace(second=0)]
