@@ -1,0 +1,3 @@
+-- Runs once, when the postgres volume is first initialised.
+CREATE DATABASE energy;
+CREATE DATABASE dagster;
