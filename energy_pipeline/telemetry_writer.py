@@ -5,6 +5,7 @@ Devices are registered in PostgreSQL first, as a device-management system would 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -94,8 +95,10 @@ def run_live(
     settings: Settings,
     options: SimulationOptions,
     duration_s: float = 0,
+    stop: threading.Event | None = None,
 ) -> dict[str, int]:
-    """Write one point per device each second until interrupted (or `duration_s` elapsed)."""
+    """Write one point per device each second until interrupted, `duration_s` elapsed or `stop`
+    is set."""
     fleet = prepare_fleet(settings, options)
     _say(f"live: {fleet.height} devices at 1 Hz into {influx.url} db={influx.database}")
     totals = {"points": 0, "seconds": 0}
@@ -103,7 +106,9 @@ def run_live(
     started = time.time()
     second = int(started)
     try:
-        while not duration_s or time.time() - started < duration_s:
+        while (not duration_s or time.time() - started < duration_s) and not (
+            stop is not None and stop.is_set()
+        ):
             # Write each second once it has passed, as devices report what they measured.
             time.sleep(max(0.0, second + 1 - time.time()))
             points = generate_points(fleet, second * NS, 1, seed=options.seed)
