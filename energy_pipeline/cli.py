@@ -169,6 +169,35 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
 _START = time.monotonic()
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    """Start or reuse the local servers and run the benchmark in dedicated databases."""
+    import json
+    from dataclasses import replace
+
+    from energy_pipeline.bench import BenchOptions, BenchTargets, format_table, run_bench
+
+    opts = BenchOptions.quick() if args.quick else BenchOptions()
+    names = ("devices", "minutes", "long_minutes", "readers", "read_seconds", "seed")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    opts = replace(opts, **overrides)
+    services_up(settings)
+    _, pg = _servers(settings)
+    pg.create_database("energy_bench")
+    targets = BenchTargets(
+        influx_url=settings.influx_url,
+        influx_database="energy_bench",
+        pg_dsn=pg.dsn("energy_bench"),
+        influx_auth=settings.secrets,
+    )
+    result = run_bench(targets, opts, lambda m: print(m, flush=True))
+    print()
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energy-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostile", action="store_true", help="include hostile tag values")
     p.add_argument("--no-register", action="store_true", help="do not register devices in PG")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="measure the minute path against InfluxDB and raw PostgreSQL")
+    p.add_argument("--quick", action="store_true", help="500 devices, 3 minutes, short reads")
+    p.add_argument("--devices", type=int)
+    p.add_argument("--minutes", type=int, help="single-minute runs to measure (default 10)")
+    p.add_argument("--long-minutes", type=int, help="ranged-run length, 0 skips (default 60)")
+    p.add_argument("--readers", type=int)
+    p.add_argument("--read-seconds", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", help="also write the figures as JSON to this path")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("live", help="services + simulator + Dagster webserver and daemon")
     p.add_argument("--devices", type=int, default=200)

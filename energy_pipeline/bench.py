@@ -1,0 +1,428 @@
+"""`energy-pipeline bench`: measured figures for the minute path, side by side with references.
+
+Loads a seeded dataset at 1 Hz per device into InfluxDB and into a raw PostgreSQL table, then
+measures in one run: the pipeline per stage for single minutes, a long ranged run (peak memory in a
+child process), InfluxDB's own GROUP BY and PostgreSQL's GROUP BY over the raw table for the same
+minutes, concurrent BI reads on rollups versus the raw table while the pipeline writes, and cost per
+point at several fleet sizes. Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from multiprocessing import get_context
+from typing import Any
+
+import polars as pl
+import psycopg
+
+from energy_pipeline.influx import InfluxClient, quote_ident, to_ns
+from energy_pipeline.ingest import process_window
+from energy_pipeline.lineprotocol import encode_points
+from energy_pipeline.simulator import build_fleet, generate_points
+from energy_pipeline.storage import connect, upsert_devices
+
+NS = 1_000_000_000
+MEASUREMENT = "telemetry"
+RAW_TABLE = "bench_raw_telemetry"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    devices: int = 5_000
+    minutes: int = 10
+    long_minutes: int = 60  # 0 skips the long ranged run
+    chunk_minutes: int = 10
+    readers: int = 32
+    read_seconds: float = 60.0
+    scaling: tuple[int, ...] = (500, 1_000, 2_000, 5_000)
+    seed: int = 42
+
+    @classmethod
+    def quick(cls) -> BenchOptions:
+        return cls(devices=500, minutes=3, long_minutes=0, readers=4, read_seconds=3.0,
+                   scaling=(100, 250, 500))  # fmt: skip
+
+
+@dataclass
+class BenchTargets:
+    """Where the bench writes: an InfluxDB database and a PostgreSQL database (both dedicated)."""
+
+    influx_url: str
+    influx_database: str
+    pg_dsn: str
+    influx_auth: dict[str, str] = field(default_factory=dict)
+
+    def influx(self, database: str | None = None) -> InfluxClient:
+        return InfluxClient(
+            self.influx_url,
+            database or self.influx_database,
+            username=self.influx_auth.get("INFLUXDB_USERNAME"),
+            password=self.influx_auth.get("INFLUXDB_PASSWORD"),
+            token=self.influx_auth.get("INFLUXDB_TOKEN"),
+            timeout_s=600,
+        )
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _copy_raw(conn: psycopg.Connection, points: pl.DataFrame) -> None:
+    frame = points.select(
+        pl.from_epoch("time", "ns").dt.strftime("%Y-%m-%d %H:%M:%S+00").alias("time"),
+        "device_id", "household_id", "power_w", "energy_wh", "voltage_v",
+    )  # fmt: skip
+    buf = io.BytesIO()
+    frame.write_csv(buf, include_header=False, quote_style="non_numeric")
+    with conn.cursor() as cur, cur.copy(f"COPY {RAW_TABLE} FROM STDIN WITH (FORMAT csv)") as copy:
+        copy.write(buf.getvalue())
+
+
+def load_dataset(
+    influx: InfluxClient,
+    conn: psycopg.Connection | None,
+    fleet: pl.DataFrame,
+    start: datetime,
+    minutes: int,
+    seed: int,
+    say: Progress,
+) -> dict[str, float]:
+    """Write `minutes` of points at 1 Hz to InfluxDB (and the raw PG table when `conn` is given)."""
+    influx.create_database()
+    t0 = time.perf_counter()
+    total = 0
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for i in range(minutes):
+            minute = start + timedelta(minutes=i)
+            points = generate_points(fleet, to_ns(minute), 60, seed=seed)
+            batches = [points.slice(o, 50_000) for o in range(0, points.height, 50_000)]
+            writes = [
+                pool.submit(influx.write_lines, encode_points(b, MEASUREMENT)) for b in batches
+            ]
+            if conn is not None:
+                _copy_raw(conn, points)
+            for w in writes:
+                w.result()
+            total += points.height
+            if (i + 1) % 5 == 0 or i + 1 == minutes:
+                say(f"  loaded {i + 1}/{minutes} minutes ({total:,} points, "
+                    f"{total / (time.perf_counter() - t0):,.0f} points/s)")  # fmt: skip
+    if conn is not None:
+        conn.commit()
+    seconds = time.perf_counter() - t0
+    return {"points": total, "seconds": seconds, "points_per_s": total / seconds}
+
+
+def _prepare_postgres(dsn: str, conn: psycopg.Connection, fleet: pl.DataFrame) -> None:
+    from energy_pipeline.migrations import upgrade
+
+    upgrade(dsn)
+    upsert_devices(conn, fleet)
+    with conn.transaction():
+        conn.execute(f"DROP TABLE IF EXISTS {RAW_TABLE}")
+        conn.execute(
+            f"CREATE TABLE {RAW_TABLE} (time timestamptz NOT NULL, device_id text NOT NULL, "
+            "household_id text NOT NULL, power_w float8, energy_wh float8, voltage_v float8)"
+        )
+        conn.execute("TRUNCATE energy.device_rollup_1m, energy.quarantine, energy.rollup_minutes")
+
+
+def _index_raw(conn: psycopg.Connection) -> None:
+    # The "before" gets the indexes a team would give a raw table serving these queries.
+    with conn.transaction():
+        conn.execute(f"CREATE INDEX ON {RAW_TABLE} (time)")
+        conn.execute(f"CREATE INDEX ON {RAW_TABLE} (device_id, time)")
+        conn.execute(f"CREATE INDEX ON {RAW_TABLE} (household_id, time)")
+    conn.execute(f"ANALYZE {RAW_TABLE}")
+    conn.execute("ANALYZE energy.device_rollup_1m")
+
+
+def measure_minutes(
+    targets: BenchTargets, conn: psycopg.Connection, start: datetime, minutes: int
+) -> dict[str, Any]:
+    """Pipeline per stage and both references, minute by minute over the same windows."""
+    influx = targets.influx()
+    stages: dict[str, list[float]] = {k: [] for k in ("read", "validate", "roll_up", "write")}
+    totals, influx_s, pg_s, points = [], [], [], []
+    groupby = (
+        "SELECT mean(power_w) AS power_w_avg, min(power_w) AS power_w_min, max(power_w) AS "
+        "power_w_max, sum(energy_wh) AS energy_wh_sum, count(power_w) AS sample_count "
+        f"FROM {quote_ident(MEASUREMENT)} WHERE time >= $start AND time < $end "
+        "GROUP BY time(1m), device_id"
+    )
+    raw_sql = (
+        f"SELECT device_id, date_trunc('minute', time), max(household_id), count(power_w), "
+        f"avg(power_w), min(power_w), max(power_w), sum(energy_wh) FROM {RAW_TABLE} "
+        "WHERE time >= %s AND time < %s GROUP BY 1, 2"
+    )
+    for i in range(minutes):
+        s, e = start + timedelta(minutes=i), start + timedelta(minutes=i + 1)
+        stats = process_window(influx, conn, MEASUREMENT, s, e, chunk_minutes=1)
+        for k in stages:
+            stages[k].append(stats.seconds[k])
+        totals.append(sum(stats.seconds.values()))
+        points.append(stats.points_read)
+        params = {"start": to_ns(s), "end": to_ns(e)}
+        t = time.perf_counter()
+        influx.query_frame(groupby, params)
+        influx_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        conn.execute(raw_sql, (s, e)).fetchall()
+        pg_s.append(time.perf_counter() - t)
+    in_asset = statistics.median(totals)
+    return {
+        "minutes_measured": minutes,
+        "points_per_minute": int(statistics.median(points)),
+        "stages_s": {k: statistics.median(v) for k, v in stages.items()},
+        "in_asset_s": in_asset,
+        "in_asset_max_s": max(totals),
+        "points_per_s": statistics.median(points) / in_asset,
+        "influx_groupby_s": statistics.median(influx_s),
+        "influx_ratio": in_asset / statistics.median(influx_s),
+        "pg_raw_groupby_s": statistics.median(pg_s),
+        "pg_raw_ratio": in_asset / statistics.median(pg_s),
+    }
+
+
+def _ranged_child(targets: BenchTargets, start: datetime, minutes: int, chunk: int) -> dict:
+    with connect(targets.pg_dsn) as conn:
+        t = time.perf_counter()
+        stats = process_window(
+            targets.influx(), conn, MEASUREMENT, start, start + timedelta(minutes=minutes), chunk
+        )
+        seconds = time.perf_counter() - t
+    return {
+        "minutes": minutes,
+        "chunk_minutes": chunk,
+        "seconds": seconds,
+        "points": stats.points_read,
+        "points_per_s": stats.points_read / seconds,
+        "stages_s": stats.seconds,
+        # ru_maxrss is in KiB on Linux; the child's own peak, imports included.
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def measure_ranged(targets: BenchTargets, start: datetime, minutes: int, chunk: int) -> dict:
+    """One ranged run over `minutes`, in a fresh process so its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_ranged_child, targets, start, minutes, chunk).result()
+
+
+READ_QUERIES = {
+    "household_5m_24h": (
+        "SELECT date_bin('5 minutes', bucket, TIMESTAMPTZ '2000-01-01') AS b, sum(energy_wh_sum), "
+        "max(power_w_max) FROM energy.device_rollup_1m WHERE household_id = %(h)s "
+        "AND bucket >= %(s)s AND bucket < %(e)s GROUP BY 1 ORDER BY 1",
+        f"SELECT date_bin('5 minutes', time, TIMESTAMPTZ '2000-01-01') AS b, sum(energy_wh), "
+        f"max(power_w) FROM {RAW_TABLE} WHERE household_id = %(h)s "
+        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY 1",
+    ),
+    "device_1m_24h": (
+        "SELECT bucket, power_w_avg, energy_wh_sum FROM energy.device_rollup_1m "
+        "WHERE device_id = %(d)s AND bucket >= %(s)s AND bucket < %(e)s ORDER BY bucket",
+        f"SELECT date_trunc('minute', time) AS b, avg(power_w), sum(energy_wh) FROM {RAW_TABLE} "
+        "WHERE device_id = %(d)s AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY 1",
+    ),
+    "top5_devices_24h": (
+        "SELECT device_id, sum(energy_wh_sum) AS e FROM energy.device_rollup_1m "
+        "WHERE household_id = %(h)s AND bucket >= %(s)s AND bucket < %(e)s "
+        "GROUP BY 1 ORDER BY e DESC LIMIT 5",
+        f"SELECT device_id, sum(energy_wh) AS e FROM {RAW_TABLE} WHERE household_id = %(h)s "
+        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY e DESC LIMIT 5",
+    ),
+}
+
+
+def _readers(
+    dsn: str, which: int, fleet: pl.DataFrame, end: datetime, readers: int, seconds: float
+) -> dict[str, Any]:
+    devices = fleet["device_id"].to_list()
+    households = fleet["household_id"].unique().sort().to_list()
+    latencies: dict[str, list[float]] = {name: [] for name in READ_QUERIES}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    ready = threading.Barrier(readers)
+
+    def reader(k: int) -> None:
+        rng = random.Random(k)
+        with psycopg.connect(dsn) as conn:
+            conn.autocommit = True
+            ready.wait()
+            while time.monotonic() < deadline:
+                name = rng.choice(list(READ_QUERIES))
+                params = {"h": rng.choice(households), "d": rng.choice(devices),
+                          "s": end - timedelta(hours=24), "e": end}  # fmt: skip
+                t = time.perf_counter()
+                conn.execute(READ_QUERIES[name][which], params).fetchall()
+                with lock:
+                    latencies[name].append((time.perf_counter() - t) * 1000)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [v for vs in latencies.values() for v in vs]
+    summary: dict[str, Any] = {
+        "queries": len(every),
+        "qps": len(every) / seconds,
+        "p50_ms": _pct(every, 0.5),
+        "p95_ms": _pct(every, 0.95),
+        "p99_ms": _pct(every, 0.99),
+    }
+    summary["by_query_p95_ms"] = {k: _pct(v, 0.95) for k, v in latencies.items()}
+    return summary
+
+
+def measure_reads(
+    targets: BenchTargets, fleet: pl.DataFrame, start: datetime, minutes: int, opts: BenchOptions
+) -> dict[str, Any]:
+    """Concurrent BI-style readers on rollups, then on the raw table, while the pipeline writes."""
+    stop = threading.Event()
+    rewrites = {"windows": 0}
+
+    def writer() -> None:
+        with connect(targets.pg_dsn) as conn:
+            i = 0
+            while not stop.is_set():
+                s = start + timedelta(minutes=i % minutes)
+                process_window(targets.influx(), conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
+                rewrites["windows"] += 1
+                i += 1
+
+    end = start + timedelta(minutes=minutes)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        rollup = _readers(targets.pg_dsn, 0, fleet, end, opts.readers, opts.read_seconds)
+        raw = _readers(targets.pg_dsn, 1, fleet, end, opts.readers, opts.read_seconds)
+    finally:
+        stop.set()
+        thread.join()
+    return {
+        "readers": opts.readers,
+        "seconds_each": opts.read_seconds,
+        "minutes_rewritten_meanwhile": rewrites["windows"],
+        "rollup": rollup,
+        "raw": raw,
+        "p95_speedup": raw["p95_ms"] / rollup["p95_ms"],
+    }
+
+
+def measure_scaling(
+    targets: BenchTargets, conn: psycopg.Connection, start: datetime, opts: BenchOptions,
+    say: Progress,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """In-asset seconds per minute at each fleet size, each in its own InfluxDB database."""
+    rows = []
+    for k, n in enumerate(opts.scaling):
+        minute = start - timedelta(minutes=5 * (k + 1))
+        influx = targets.influx(f"{targets.influx_database}_scale_{n}")
+        fleet = build_fleet(n, seed=opts.seed)
+        upsert_devices(conn, fleet)
+        load_dataset(influx, None, fleet, minute, 2, opts.seed, lambda _m: None)
+        runs = []
+        for i in range(2):
+            s = minute + timedelta(minutes=i)
+            stats = process_window(influx, conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
+            runs.append((sum(stats.seconds.values()), stats.points_read))
+        seconds = min(r[0] for r in runs)  # the warm one: cold-start noise is not cost per point
+        points = runs[0][1]
+        rows.append({"devices": n, "points": points, "in_asset_s": seconds,
+                     "us_per_point": seconds / points * 1e6})  # fmt: skip
+        say(f"  scaling {n} devices: {seconds:.3f} s/minute")
+    return rows
+
+
+def run_bench(targets: BenchTargets, opts: BenchOptions, say: Progress) -> dict[str, Any]:
+    """Run every measurement; returns the figures (also what `--json` writes)."""
+    fleet = build_fleet(opts.devices, seed=opts.seed)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    span = max(opts.minutes, opts.long_minutes)
+    start = now - timedelta(minutes=span + 5)
+    result: dict[str, Any] = {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat()}
+    with connect(targets.pg_dsn) as conn:
+        conn.autocommit = False
+        say(f"preparing PostgreSQL and loading {span} minutes x {opts.devices} devices at 1 Hz")
+        _prepare_postgres(targets.pg_dsn, conn, fleet)
+        conn.commit()
+        result["load"] = load_dataset(targets.influx(), conn, fleet, start, span, opts.seed, say)
+        say("indexing the raw PostgreSQL table")
+        _index_raw(conn)
+        conn.commit()
+        conn.autocommit = True
+        say(f"measuring {opts.minutes} single-minute runs and both references")
+        result["one_minute"] = measure_minutes(targets, conn, start, opts.minutes)
+        if opts.long_minutes:
+            say(f"measuring a {opts.long_minutes}-minute ranged run in a child process")
+            result["ranged"] = measure_ranged(targets, start, opts.long_minutes, opts.chunk_minutes)
+        else:
+            result["ranged"] = None
+        say(f"measuring {opts.readers} concurrent readers, {opts.read_seconds:.0f} s per table")
+        result["reads"] = measure_reads(targets, fleet, start, opts.minutes, opts)
+        say("measuring cost per point at " + ", ".join(map(str, opts.scaling)) + " devices")
+        result["scaling"] = measure_scaling(targets, conn, start, opts, say)
+        costs = [r["us_per_point"] for r in result["scaling"]]
+        result["scaling_spread"] = max(costs) / min(costs)
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The figures as a plain-text table."""
+    o, m, rd = r["one_minute"], r["options"], r["reads"]
+    rows: list[tuple[str, str]] = [
+        ("load: points written (InfluxDB and raw PG table)", f"{r['load']['points']:,}"),
+        ("load: points/s", f"{r['load']['points_per_s']:,.0f}"),
+        ("one minute: points", f"{o['points_per_minute']:,}"),
+        *((f"one minute: {k} (s, median)", f"{v:.3f}") for k, v in o["stages_s"].items()),
+        ("one minute: in-asset total (s, median)", f"{o['in_asset_s']:.3f}"),
+        ("one minute: in-asset total (s, worst)", f"{o['in_asset_max_s']:.3f}"),
+        ("one minute: points/s", f"{o['points_per_s']:,.0f}"),
+        ("InfluxDB GROUP BY time(1m), device_id (s)", f"{o['influx_groupby_s']:.3f}"),
+        ("  pipeline / InfluxDB (< 1: pipeline faster)", f"{o['influx_ratio']:.2f}"),
+        ("PostgreSQL raw-table GROUP BY (s)", f"{o['pg_raw_groupby_s']:.3f}"),
+        ("  pipeline / PostgreSQL raw", f"{o['pg_raw_ratio']:.2f}"),
+    ]
+    if r.get("ranged"):
+        g = r["ranged"]
+        rows += [
+            (f"ranged run of {g['minutes']} minutes: total (s)", f"{g['seconds']:.2f}"),
+            ("ranged run: points/s", f"{g['points_per_s']:,.0f}"),
+            ("ranged run: peak RSS of its process (MiB)", f"{g['peak_rss_mib']:.0f}"),
+        ]
+    for table in ("rollup", "raw"):
+        t = rd[table]
+        rows += [
+            (f"reads on {table}, {rd['readers']} readers: p50/p95/p99 (ms)",
+             f"{t['p50_ms']:.1f}/{t['p95_ms']:.1f}/{t['p99_ms']:.1f}"),
+            (f"reads on {table}: queries/s", f"{t['qps']:,.1f}"),
+        ]  # fmt: skip
+    rows.append(("reads: raw p95 / rollup p95", f"{rd['p95_speedup']:.1f}"))
+    rows += [
+        (f"scaling {x['devices']} devices: us/point (s/minute)",
+         f"{x['us_per_point']:.2f} ({x['in_asset_s']:.3f})")
+        for x in r["scaling"]
+    ]  # fmt: skip
+    rows.append(("scaling: max/min cost per point", f"{r['scaling_spread']:.2f}"))
+    for k, v in (r.get("live") or {}).items():
+        if isinstance(v, int | float):
+            rows.append((f"live: {k}", f"{v:.2f}"))
+    header = f"energy-pipeline bench: {m['devices']} devices at 1 Hz, seed {m['seed']}"
+    width = max(len(label) for label, _ in rows)
+    body = [f"{label:<{width}}  {value:>16}" for label, value in rows]
+    return "\n".join([header, f"{'measure':<{width}}  {'value':>16}", *body])
