@@ -51,6 +51,7 @@ def build_device_rollup_1m(partitions_def: dg.PartitionsDefinition) -> dg.Assets
                 start,
                 end,
                 chunk_minutes=rollup_settings.chunk_minutes,
+                read_parallelism=rollup_settings.read_parallelism,
                 log=context.log.info,
             )
         lag_s = (datetime.now(UTC) - end).total_seconds()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclasses_replace
 from datetime import UTC, datetime, timedelta
 from multiprocessing import get_context
 from typing import Any
@@ -349,8 +350,137 @@ def measure_scaling(
     return rows
 
 
-def run_bench(targets: BenchTargets, opts: BenchOptions, say: Progress) -> dict[str, Any]:
-    """Run every measurement; returns the figures (also what `--json` writes)."""
+def _dagster_run_timings(dagster_dsn: str, since: float) -> list[dict[str, float]]:
+    """Sensor-launched single-minute runs: seconds from minute close to request, start, success."""
+    with psycopg.connect(dagster_dsn) as conn:
+        rows = conn.execute(
+            "SELECT p.value, extract(epoch FROM r.create_timestamp AT TIME ZONE 'UTC'), "
+            "r.start_time, r.end_time FROM runs r "
+            "JOIN run_tags o ON o.run_id = r.run_id AND o.key = 'energy/origin' "
+            "AND o.value = 'minutes' "
+            "JOIN run_tags p ON p.run_id = r.run_id AND p.key = 'dagster/partition' "
+            "WHERE r.status = 'SUCCESS' AND r.start_time >= %s",
+            (since,),
+        ).fetchall()
+    out = []
+    for key, created, started, ended in rows:
+        closed = datetime.strptime(key, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC).timestamp() + 60
+        out.append({"wait_for_sensor_s": float(created) - closed,
+                    "launch_s": started - float(created), "run_s": ended - started,
+                    "close_to_success_s": ended - closed})  # fmt: skip
+    return out
+
+
+def measure_live(
+    targets: BenchTargets,
+    live_pg_dsn: str,
+    dagster_dsn: str,
+    opts: BenchOptions,
+    minutes: float,
+    say: Progress,
+) -> dict[str, Any]:
+    """Simulator writing live + the real Dagster daemon: freshness lag and per-run overhead.
+
+    Uses its own InfluxDB and PostgreSQL databases, so the loaded history is not touched.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
+    from energy_pipeline.telemetry_writer import SimulationOptions, run_live
+
+    live_db = f"{targets.influx_database}_live"
+    influx = targets.influx(live_db)
+    influx.create_database()
+    settings = Settings.from_env({"INFLUXDB_DATABASE": live_db, "ENERGY_PG_DSN": live_pg_dsn})
+    settings = dataclasses_replace(settings, influx_url=targets.influx_url)
+    with connect(live_pg_dsn) as conn:
+        _prepare_postgres(live_pg_dsn, conn, build_fleet(opts.devices, seed=opts.seed))
+    home = Path(tempfile.mkdtemp(prefix="bench-dagster-"))
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_URL": dagster_storage_url(dagster_dsn),
+        "INFLUXDB_URL": targets.influx_url,
+        "INFLUXDB_DATABASE": live_db,
+        "ENERGY_PG_DSN": live_pg_dsn,
+    }
+    stop = threading.Event()
+    writer = threading.Thread(
+        target=run_live,
+        args=(influx, settings, SimulationOptions(opts.devices, opts.seed, register=False)),
+        kwargs={"stop": stop},
+    )
+    began = time.time()
+    writer.start()
+    log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lags: list[float] = []
+    full = opts.devices * 60 * 0.99
+    try:
+        warmup = began + 120  # the first minute is partial; the first run imports everything
+        while time.time() < began + minutes * 60:
+            time.sleep(5)
+            with psycopg.connect(live_pg_dsn) as conn:
+                row = conn.execute(
+                    "SELECT max(bucket) FROM energy.rollup_minutes WHERE points_read >= %s",
+                    (full,),
+                ).fetchone()
+            newest = row[0] if row else None
+            if newest is not None and time.time() >= warmup:
+                lags.append(time.time() - (newest.timestamp() + 60))
+            elapsed = (time.time() - began) / 60
+            if int(elapsed * 12) % 12 == 0:
+                say(f"  live {elapsed:.1f}/{minutes} min, freshness lag now "
+                    f"{lags[-1] if lags else float('nan'):.1f} s")  # fmt: skip
+    finally:
+        stop.set()
+        daemon.send_signal(2)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        log.close()
+        writer.join(timeout=30)
+    runs = _dagster_run_timings(dagster_dsn, began + 120)
+
+    def stat(key: str, q: float) -> float:
+        return _pct([r[key] for r in runs], q)
+
+    return {
+        "minutes": minutes,
+        "freshness_samples": len(lags),
+        "freshness_lag_p50_s": _pct(lags, 0.5),
+        "freshness_lag_p95_s": _pct(lags, 0.95),
+        "freshness_lag_max_s": max(lags) if lags else float("nan"),
+        "sensor_runs": len(runs),
+        "close_to_success_p50_s": stat("close_to_success_s", 0.5),
+        "close_to_success_p95_s": stat("close_to_success_s", 0.95),
+        "wait_for_sensor_p50_s": stat("wait_for_sensor_s", 0.5),
+        "launch_p50_s": stat("launch_s", 0.5),
+        "run_p50_s": stat("run_s", 0.5),
+    }
+
+
+def run_bench(
+    targets: BenchTargets,
+    opts: BenchOptions,
+    say: Progress,
+    live_minutes: float = 0,
+    live_dsns: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run every measurement; returns the figures (also what `--json` writes).
+
+    `live_dsns` (rollup database, Dagster storage database) enables the live section.
+    """
     fleet = build_fleet(opts.devices, seed=opts.seed)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     span = max(opts.minutes, opts.long_minutes)
@@ -379,6 +509,9 @@ def run_bench(targets: BenchTargets, opts: BenchOptions, say: Progress) -> dict[
         result["scaling"] = measure_scaling(targets, conn, start, opts, say)
         costs = [r["us_per_point"] for r in result["scaling"]]
         result["scaling_spread"] = max(costs) / min(costs)
+    if live_minutes and live_dsns:
+        say(f"live for {live_minutes} minutes: simulator + Dagster daemon")
+        result["live"] = measure_live(targets, *live_dsns, opts, live_minutes, say)
     return result
 
 

@@ -183,13 +183,21 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     services_up(settings)
     _, pg = _servers(settings)
     pg.create_database("energy_bench")
+    pg.create_database("energy_bench_live")
+    pg.create_database("energy_bench_dagster")
     targets = BenchTargets(
         influx_url=settings.influx_url,
         influx_database="energy_bench",
         pg_dsn=pg.dsn("energy_bench"),
         influx_auth=settings.secrets,
     )
-    result = run_bench(targets, opts, lambda m: print(m, flush=True))
+    result = run_bench(
+        targets,
+        opts,
+        lambda m: print(m, flush=True),
+        live_minutes=args.live_minutes,
+        live_dsns=(pg.dsn("energy_bench_live"), pg.dsn("energy_bench_dagster")),
+    )
     print()
     print(format_table(result))
     if args.json:
@@ -233,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readers", type=int)
     p.add_argument("--read-seconds", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--live-minutes",
+        type=float,
+        default=0,
+        help="also run simulator + daemon live this long (freshness, run overhead)",
+    )
     p.add_argument("--json", help="also write the figures as JSON to this path")
     p.set_defaults(func=cmd_bench)
 

@@ -59,6 +59,7 @@ class Settings:
     late_audit_extra_seconds: int = 3600
     max_range_minutes: int = 60
     chunk_minutes: int = 10
+    read_parallelism: int = 2
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -84,6 +85,7 @@ class Settings:
             late_audit_extra_seconds=_int(env, "ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600),
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 10, 1),
+            read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", 2, 1),
             secrets={
                 k: env[k]
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")

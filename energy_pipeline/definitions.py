@@ -53,6 +53,7 @@ def build_definitions(
                 late_audit_extra_seconds=settings.late_audit_extra_seconds,
                 max_range_minutes=settings.max_range_minutes,
                 chunk_minutes=settings.chunk_minutes,
+                read_parallelism=settings.read_parallelism,
             ),
         },
         # Minute runs are small: run their steps in the run's own process, not one per step.

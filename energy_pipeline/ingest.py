@@ -59,6 +59,7 @@ def process_window(
     end: datetime,
     chunk_minutes: int = 5,
     log: Callable[[str], None] | None = None,
+    read_parallelism: int = 2,
 ) -> WindowStats:
     """Roll up every minute of [start, end) and replace those minutes in PostgreSQL."""
     stats = WindowStats(start, end)
@@ -67,7 +68,7 @@ def process_window(
 
     def read(window: tuple[datetime, datetime]) -> tuple[pl.DataFrame, float]:
         t = time.perf_counter()
-        frame = influx.read_points(measurement, *window)
+        frame = influx.read_points(measurement, *window, parallel=read_parallelism)
         return frame, time.perf_counter() - t
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influx-read") as pool:

@@ -50,3 +50,4 @@ class RollupSettings(dg.ConfigurableResource):
     late_audit_extra_seconds: int = 3600
     max_range_minutes: int = 60
     chunk_minutes: int = 10
+    read_parallelism: int = 2

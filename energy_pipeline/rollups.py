@@ -91,7 +91,12 @@ def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     One unparseable value must not fail the whole column, so casting is lenient and every value
     that did not survive it is reported instead.
     """
-    parsed = raw.with_columns(pl.col(f).cast(pl.Float64, strict=False) for f in FIELDS)
+    present = [f for f in FIELDS if f in raw.columns]
+    parsed = raw.with_columns(pl.col(f).cast(pl.Float64, strict=False) for f in present)
+    # Fields not read (voltage_v is optional) are carried as nulls so every frame looks alike.
+    parsed = parsed.with_columns(
+        pl.lit(None, pl.Float64).alias(f) for f in FIELDS if f not in present
+    )
     failures = [
         parsed.select(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("index"),
@@ -101,7 +106,7 @@ def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         )
         .filter("bad")
         .drop("bad")
-        for f in FIELDS
+        for f in present
     ]
     return parsed, pl.concat(failures)
 

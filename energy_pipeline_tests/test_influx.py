@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident, to_ns
+from energy_pipeline.lineprotocol import encode_points
 from energy_pipeline.services import LocalInflux, free_port
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -27,13 +28,12 @@ def test_read_points_round_trips_hostile_tags_and_missing_fields(influx_db: Infl
         "time",
         "power_w",
         "energy_wh",
-        "voltage_v",
         "device_id",
         "household_id",
     ]
     assert frame.sort("time").rows() == [
-        (NS, "1.5", "0.25", None, "a b,c=d", 'h"1'),
-        (NS + 10**9, "2", None, None, "caf\u00e9;'x'", "h2"),
+        (NS, "1.5", "0.25", "a b,c=d", 'h"1'),
+        (NS + 10**9, "2", None, "caf\u00e9;'x'", "h2"),
     ]
 
 
@@ -103,3 +103,25 @@ def test_token_is_sent_as_authorization_header_and_never_shown():
     client = InfluxClient("http://127.0.0.1:1", "db", token="tok-123")
     assert client.session.headers["Authorization"] == "Token tok-123"
     assert "tok-123" not in repr(client)
+
+
+@pytest.mark.parametrize("parallel", [2, 3, 4])
+def test_parallel_series_slices_read_every_point_exactly_once(influx_db: InfluxClient, parallel):
+    ids = [f"dev-{i}" for i in range(12)] + ["plain", "x' OR 1=1", "Küche 5a", "back\\slash"]
+    points = pl.DataFrame(
+        {
+            "time": [NS + k * 10**6 for k in range(len(ids))],
+            "device_id": ids,
+            "household_id": ["h"] * len(ids),
+            "power_w": [float(k) for k in range(len(ids))],
+            "energy_wh": [0.1] * len(ids),
+            "voltage_v": [None] * len(ids),
+        },
+        schema_overrides={"voltage_v": pl.Float64},
+    )
+    influx_db.write_lines(encode_points(points))
+    influx_db.write_lines([f"telemetry,household_id=h power_w=99.0 {NS + 10**9}"])  # no device tag
+    one = influx_db.read_points("telemetry", T0, T0.replace(minute=1))
+    many = influx_db.read_points("telemetry", T0, T0.replace(minute=1), parallel=parallel)
+    assert one.height == len(ids) + 1
+    assert many.sort("time").equals(one.sort("time"))
