@@ -43,7 +43,7 @@ class BenchOptions:
     devices: int = 5_000
     minutes: int = 10
     long_minutes: int = 60  # 0 skips the long ranged run
-    chunk_minutes: int = 10
+    chunk_minutes: int = 5
     readers: int = 32
     read_seconds: float = 60.0
     scaling: tuple[int, ...] = (500, 1_000, 2_000, 5_000)

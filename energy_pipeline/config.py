@@ -58,7 +58,7 @@ class Settings:
     lateness_seconds: int = 7200
     late_audit_extra_seconds: int = 3600
     max_range_minutes: int = 60
-    chunk_minutes: int = 10
+    chunk_minutes: int = 5
     read_parallelism: int = 2
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -84,7 +84,7 @@ class Settings:
             lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),
             late_audit_extra_seconds=_int(env, "ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600),
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
-            chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 10, 1),
+            chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
             read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", 2, 1),
             secrets={
                 k: env[k]

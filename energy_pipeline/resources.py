@@ -43,11 +43,11 @@ class PostgresResource(dg.ConfigurableResource):
 
 
 class RollupSettings(dg.ConfigurableResource):
-    """How the minute roll-up and its sensors pace themselves."""
+    """How the minute roll-up and its sensors pace themselves (defaults: `config.Settings`)."""
 
-    settle_seconds: int = 10
-    lateness_seconds: int = 7200
-    late_audit_extra_seconds: int = 3600
-    max_range_minutes: int = 60
-    chunk_minutes: int = 10
-    read_parallelism: int = 2
+    settle_seconds: int
+    lateness_seconds: int
+    late_audit_extra_seconds: int
+    max_range_minutes: int
+    chunk_minutes: int
+    read_parallelism: int
