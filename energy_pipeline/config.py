@@ -54,9 +54,11 @@ class Settings:
     pg_dsn: str
     dagster_pg_url: str
     raw_retention_days: int = 30
-    settle_seconds: int = 10
+    settle_seconds: int = 5
     lateness_seconds: int = 7200
     late_audit_extra_seconds: int = 3600
+    late_recent_seconds: int = 900
+    late_full_scan_seconds: int = 900
     max_range_minutes: int = 60
     chunk_minutes: int = 5
     read_parallelism: int = 2
@@ -80,9 +82,11 @@ class Settings:
             pg_dsn=env.get("ENERGY_PG_DSN") or f"{local_pg}/energy",
             dagster_pg_url=dagster_storage_url(env.get("DAGSTER_PG_URL") or f"{local_pg}/dagster"),
             raw_retention_days=_int(env, "ENERGY_RAW_RETENTION_DAYS", 30, 1),
-            settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 10),
+            settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 5),
             lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),
             late_audit_extra_seconds=_int(env, "ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600),
+            late_recent_seconds=_int(env, "ENERGY_LATE_RECENT_SECONDS", 900, 60),
+            late_full_scan_seconds=_int(env, "ENERGY_LATE_FULL_SCAN_SECONDS", 900),
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
             read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", 2, 1),

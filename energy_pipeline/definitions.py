@@ -51,6 +51,8 @@ def build_definitions(
                 settle_seconds=settings.settle_seconds,
                 lateness_seconds=settings.lateness_seconds,
                 late_audit_extra_seconds=settings.late_audit_extra_seconds,
+                late_recent_seconds=settings.late_recent_seconds,
+                late_full_scan_seconds=settings.late_full_scan_seconds,
                 max_range_minutes=settings.max_range_minutes,
                 chunk_minutes=settings.chunk_minutes,
                 read_parallelism=settings.read_parallelism,

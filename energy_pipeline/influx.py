@@ -300,6 +300,22 @@ class InfluxClient:
             frame = pl.DataFrame(schema=schema)
         return frame.rename({"time": "minute"}).fill_null(0)
 
+    def compactions_pending(self) -> int:
+        """Active plus queued TSM compactions of this database (0 when the server is idle)."""
+        total = 0
+        for result in self.query_json("SHOW STATS FOR 'tsm1_engine'"):
+            for series in result.get("series", []):
+                if series.get("tags", {}).get("database") != self.database:
+                    continue
+                columns = series.get("columns", [])
+                for row in series.get("values", []):
+                    total += sum(
+                        int(v or 0)
+                        for c, v in zip(columns, row, strict=False)
+                        if c.endswith(("CompactionsActive", "CompactionQueue"))
+                    )
+        return total
+
     def databases(self) -> list[str]:
         results = self.query_json("SHOW DATABASES")
         series = results[0].get("series", []) if results else []

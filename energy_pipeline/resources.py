@@ -48,6 +48,8 @@ class RollupSettings(dg.ConfigurableResource):
     settle_seconds: int
     lateness_seconds: int
     late_audit_extra_seconds: int
+    late_recent_seconds: int
+    late_full_scan_seconds: int
     max_range_minutes: int
     chunk_minutes: int
     read_parallelism: int

@@ -24,12 +24,13 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
 
     figures = json.loads(json.dumps(result, default=str))
     per_minute = opts.devices * 60
+    assert figures["influx_quiesce_s"] >= 0
     assert figures["load"]["points"] == per_minute * opts.minutes
     one = figures["one_minute"]
     assert one["points_per_minute"] == per_minute
     assert set(one["stages_s"]) == {"read", "validate", "roll_up", "write"}
     assert all(v > 0 for v in one["stages_s"].values())
-    assert one["in_asset_s"] >= sum(one["stages_s"].values()) * 0.99
+    assert one["in_asset_max_s"] >= one["in_asset_s"] > 0
     assert one["influx_groupby_s"] > 0 and one["pg_raw_groupby_s"] > 0
     assert abs(one["influx_ratio"] - one["in_asset_s"] / one["influx_groupby_s"]) < 1e-9
     ranged = figures["ranged"]

@@ -125,3 +125,10 @@ def test_parallel_series_slices_read_every_point_exactly_once(influx_db: InfluxC
     many = influx_db.read_points("telemetry", T0, T0.replace(minute=1), parallel=parallel)
     assert one.height == len(ids) + 1
     assert many.sort("time").equals(one.sort("time"))
+
+
+def test_compactions_pending_reads_this_databases_engine_stats(influx_db: InfluxClient):
+    influx_db.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
+    assert influx_db.compactions_pending() >= 0
+    other = InfluxClient(influx_db.url, "no_such_db")
+    assert other.compactions_pending() == 0

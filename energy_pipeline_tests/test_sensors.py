@@ -178,3 +178,24 @@ def test_first_start_does_not_turn_history_into_repairs(settings, influx_db, mon
     second = _tick(settings, "minute_rollup_sensor", instance, first.cursor)
     assert [r.tags[sensors.ORIGIN_TAG] for r in second.run_requests] == ["minutes"]
     assert _minutes_of(second.run_requests[0]) == [NOW.replace(second=0)]
+
+
+def test_between_full_scans_only_recent_minutes_are_checked(settings, influx_db, frozen_now):
+    instance = dg.DagsterInstance.ephemeral()
+    settings = replace(settings, late_recent_seconds=15 * 60, late_full_scan_seconds=900)
+    recent, older = NOW.replace(second=0) - 10 * MINUTE, NOW.replace(second=0) - 40 * MINUTE
+    with psycopg.connect(settings.pg_dsn) as conn:
+        conn.execute("INSERT INTO energy.devices (device_id, household_id) VALUES ('d1', 'h1')")
+    for minute in (recent, older):
+        materialize_minutes(settings, minute, minute)
+        ns = int(minute.timestamp()) * 10**9
+        influx_db.write_lines(
+            [f"telemetry,device_id=d1,household_id=h1 power_w=1.0,energy_wh=1.0 {ns}"]
+        )
+    just_scanned = json.dumps({"full_scan_at": NOW.timestamp() - 60})
+    result = _tick(settings, "late_data_sensor", instance, just_scanned)
+    assert [m for r in result.run_requests for m in _minutes_of(r)] == [recent]
+    assert json.loads(result.cursor)["full_scan_at"] == NOW.timestamp() - 60
+    result = _tick(settings, "late_data_sensor", instance, json.dumps({"full_scan_at": 0}))
+    assert sorted(m for r in result.run_requests for m in _minutes_of(r)) == [older, recent]
+    assert json.loads(result.cursor)["full_scan_at"] == NOW.timestamp()
