@@ -26,6 +26,7 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
     per_minute = opts.devices * 60
     assert figures["influx_quiesce_s"] >= 0
     assert figures["load"]["points"] == per_minute * opts.minutes
+    assert figures["one_minute_history"]["points_per_minute"] == per_minute
     one = figures["one_minute"]
     assert one["points_per_minute"] == per_minute
     assert set(one["stages_s"]) == {"read", "validate", "roll_up", "write"}
@@ -45,5 +46,6 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
     assert [r["points"] for r in figures["scaling"]] == [n * 60 for n in opts.scaling]
     assert figures["scaling_spread"] >= 1.0
     table = format_table(result)
-    assert "one minute: in-asset total" in table and "reads on raw" in table
+    assert "fresh minute: in-asset total" in table and "history minute: read" in table
+    assert "reads on raw" in table
     assert any("loaded" in m for m in messages)
