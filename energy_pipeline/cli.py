@@ -144,13 +144,14 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, _stop)
+    started = time.monotonic()
     try:
         while not stop["now"]:
             for name, proc in procs.items():
                 if proc.poll() is not None:
                     print(f"{name} exited with code {proc.returncode}; see {logs / name}.log")
                     stop["now"] = True
-            if args.duration and time.monotonic() - _START > args.duration:
+            if args.duration and time.monotonic() - started > args.duration:
                 break
             time.sleep(1)
     except KeyboardInterrupt:
@@ -164,9 +165,6 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return 0
-
-
-_START = time.monotonic()
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
