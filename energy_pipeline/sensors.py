@@ -132,8 +132,8 @@ def build_minute_rollup_sensor(
             )
             with postgres.connect() as conn:
                 done = set(ledger_between(conn, lookback, last + MINUTE)["bucket"].to_list())
-            busy = in_flight_minutes(context.instance, now)
-            missing = [m for m in minutes_between(lookback, last) if m not in done | busy]
+            covered = done | in_flight_minutes(context.instance, now)
+            missing = [m for m in minutes_between(lookback, last) if m not in covered]
             if missing:
                 context.log.warning(f"re-requesting {len(missing)} minutes without rollups")
                 requests += _requests(
