@@ -15,7 +15,7 @@ from pathlib import Path
 from energy_pipeline.config import PROJECT_ROOT, ConfigError, Settings
 from energy_pipeline.influx import InfluxClient, InfluxError
 from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError
-from energy_pipeline.storage import StorageError
+from energy_pipeline.storage import StorageError, redact_dsn
 
 
 def _servers(settings: Settings) -> tuple[LocalInflux, LocalPostgres]:
@@ -44,12 +44,12 @@ def services_up(settings: Settings) -> None:
     influx.start()
     print(f"InfluxDB   {influx.url} (data {influx.root})")
     pg.start()
-    print(f"PostgreSQL {pg.dsn()} (data {pg.root})")
+    print(f"PostgreSQL {redact_dsn(pg.dsn())} (data {pg.root})")
     _influx(settings).create_database()
     for db in ("energy", "dagster"):
         pg.create_database(db)
     upgrade(settings.pg_dsn)
-    print(f"schema 'energy' migrated in {settings.pg_dsn}")
+    print(f"schema 'energy' migrated in {redact_dsn(settings.pg_dsn)}")
 
 
 def cmd_services(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,7 +71,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from energy_pipeline.migrations import upgrade
 
     upgrade(settings.pg_dsn)
-    print(f"schema 'energy' is at the newest revision in {settings.pg_dsn}")
+    print(f"schema 'energy' is at the newest revision in {redact_dsn(settings.pg_dsn)}")
     return 0
 
 
@@ -134,8 +134,9 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
         print(f"started {name:<9} pid {procs[name].pid}, log {logs / (name + '.log')}")
     print(
         f"\nDagster UI: http://127.0.0.1:{args.port}  (sensors start by themselves)\n"
-        f"Rollups:    psql '{settings.pg_dsn}' -c 'SELECT * FROM energy.device_rollup_1m "
-        "ORDER BY bucket DESC LIMIT 10'\nCtrl-C stops the simulator, webserver and daemon "
+        f"Rollups:    psql '{redact_dsn(settings.pg_dsn)}' -c "
+        "'SELECT * FROM energy.device_rollup_1m ORDER BY bucket DESC LIMIT 10'\n"
+        "Ctrl-C stops the simulator, webserver and daemon "
         "(servers keep running; `energy-pipeline services down` stops them)."
     )
     stop = {"now": False}

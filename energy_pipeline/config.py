@@ -18,7 +18,9 @@ class ConfigError(ValueError):
     """A setting is missing or malformed."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -26,8 +28,9 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         value = int(raw)
     except ValueError as exc:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(f"{name} must be {bounds}, got {value}")
     return value
 
 
@@ -89,7 +92,7 @@ class Settings:
             late_full_scan_seconds=_int(env, "ENERGY_LATE_FULL_SCAN_SECONDS", 900),
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
-            read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", 2, 1),
+            read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", 2, 1, 10),
             secrets={
                 k: env[k]
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")

@@ -46,7 +46,10 @@ def build_definitions(
                 password=_secret("INFLUXDB_PASSWORD", secrets_env),
                 token=_secret("INFLUXDB_TOKEN", secrets_env),
             ),
-            "postgres": PostgresResource(dsn=settings.pg_dsn),
+            # The DSN can carry a password: keep it an EnvVar when it comes from the environment.
+            "postgres": PostgresResource(
+                dsn=_secret("ENERGY_PG_DSN", secrets_env) or settings.pg_dsn
+            ),
             "rollup_settings": RollupSettings(
                 settle_seconds=settings.settle_seconds,
                 lateness_seconds=settings.lateness_seconds,

@@ -24,9 +24,8 @@ ORIGINS = ("minutes", "repair", "late")
 # a storm of failing runs.
 REPAIR_BACKOFF = timedelta(seconds=60)
 IN_FLIGHT_HORIZON = timedelta(minutes=30)
-IN_FLIGHT = [
+QUEUED_OR_RUNNING = [
     dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
@@ -72,21 +71,30 @@ def _requests(
 def in_flight_minutes(instance: dg.DagsterInstance, now: datetime) -> set[datetime]:
     """Minutes covered by rollup runs that are queued or running.
 
-    Runs created long ago that still look in flight were orphaned (e.g. a daemon died while
-    submitting them); they must not block their minutes forever.
+    Queued and running runs always count (run monitoring fails running ones whose process died).
+    A run still NOT_STARTED long after it was created was orphaned (a daemon died while submitting
+    it) and must not block its minutes forever.
     """
-    runs = instance.get_runs(
-        filters=dg.RunsFilter(
-            statuses=IN_FLIGHT,
-            tags={ORIGIN_TAG: list(ORIGINS)},
-            created_after=now - IN_FLIGHT_HORIZON,
-        )
-    )
+    tags = {ORIGIN_TAG: list(ORIGINS)}
+    runs = [
+        *instance.get_runs(filters=dg.RunsFilter(statuses=QUEUED_OR_RUNNING, tags=tags)),
+        *instance.get_runs(
+            filters=dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.NOT_STARTED],
+                tags=tags,
+                created_after=now - IN_FLIGHT_HORIZON,
+            )
+        ),
+    ]
     out: set[datetime] = set()
     for run in runs:
-        tags = run.tags
-        first = tags.get("dagster/asset_partition_range_start") or tags.get("dagster/partition")
-        last = tags.get("dagster/asset_partition_range_end") or tags.get("dagster/partition")
+        run_tags = run.tags
+        first = run_tags.get("dagster/asset_partition_range_start") or run_tags.get(
+            "dagster/partition"
+        )
+        last = run_tags.get("dagster/asset_partition_range_end") or run_tags.get(
+            "dagster/partition"
+        )
         if first and last:
             out.update(minutes_between(parse_partition_key(first), parse_partition_key(last)))
     return out

@@ -40,11 +40,22 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex((LOOPBACK, port)) == 0
 
 
-def _pid_alive(pid_file: Path) -> int | None:
+def _pid_alive(pid_file: Path, command: str | None = None) -> int | None:
+    """The pid in `pid_file` if that process runs (and, given `command`, is that program).
+
+    After a reboot a stale pid file can name an unrelated process that reused the pid.
+    """
     try:
         pid = int(pid_file.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return None
+    if command is not None:
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            return None
+        if Path(argv0.decode(errors="replace")).name != command:
+            return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,7 +144,7 @@ bind-address = "{LOOPBACK}:{rpc_port}"
             return False
 
     def running(self) -> bool:
-        return _pid_alive(self.pid_file) is not None and self.ping()
+        return _pid_alive(self.pid_file, "influxd") is not None and self.ping()
 
     def start(self, timeout_s: float = 30) -> None:
         """Start the server unless it is already running; idempotent."""
@@ -160,7 +171,7 @@ bind-address = "{LOOPBACK}:{rpc_port}"
         _wait_until(self.ping, timeout_s, f"InfluxDB on port {self.port}", self.log_file)
 
     def stop(self, timeout_s: float = 30) -> None:
-        _stop_pid(self.pid_file, timeout_s)
+        _stop_pid(self.pid_file, timeout_s, "influxd")
 
 
 @dataclass
@@ -332,8 +343,8 @@ class LocalPostgres:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def _stop_pid(pid_file: Path, timeout_s: float) -> None:
-    pid = _pid_alive(pid_file)
+def _stop_pid(pid_file: Path, timeout_s: float, command: str) -> None:
+    pid = _pid_alive(pid_file, command)
     if pid is None:
         pid_file.unlink(missing_ok=True)
         return
@@ -344,7 +355,7 @@ def _stop_pid(pid_file: Path, timeout_s: float) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-        if _pid_alive(pid_file) is None:
+        if _pid_alive(pid_file, command) is None:
             break
         time.sleep(0.1)
     else:

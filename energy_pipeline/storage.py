@@ -6,6 +6,7 @@ All SQL is parameterised; frames go in through COPY. No Dagster here.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -29,12 +30,23 @@ class StorageError(RuntimeError):
 
 
 def connect(dsn: str, **kwargs) -> psycopg.Connection:
-    """Open a connection with a clear error when the server or database is not there."""
+    """Open an autocommit connection, with a clear error when the server or database is not there.
+
+    Autocommit makes every `with conn.transaction()` a real transaction that commits on exit; on a
+    connection with an implicit transaction open (after any SELECT) psycopg would turn it into a
+    savepoint and commit nothing until the connection closes.
+    """
+    kwargs.setdefault("autocommit", True)
     try:
         return psycopg.connect(dsn, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as exc:
         host = psycopg.conninfo.conninfo_to_dict(dsn).get("host", "?")
         raise StorageError(f"cannot connect to PostgreSQL (host {host}): {exc}".strip()) from exc
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for printing."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", dsn)
 
 
 def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from energy_pipeline.config import ConfigError, Settings
-from energy_pipeline.services import LocalPostgres, ServiceError, free_port
-from energy_pipeline.storage import StorageError, connect
+from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError, free_port
+from energy_pipeline.storage import StorageError, connect, redact_dsn
 
 
 def test_defaults_point_at_the_local_stack():
@@ -31,6 +33,7 @@ def test_environment_overrides_and_secrets_stay_out_of_repr():
         ({"ENERGY_SETTLE_SECONDS": "soon"}, "must be an integer"),
         ({"ENERGY_CHUNK_MINUTES": "0"}, "must be >= 1"),
         ({"ENERGY_RAW_RETENTION_DAYS": "90"}, "100,000"),
+        ({"ENERGY_READ_PARALLELISM": "11"}, "between 1 and 10"),
     ],
 )
 def test_bad_settings_are_clear_errors(env, message):
@@ -46,3 +49,26 @@ def test_unreachable_postgres_is_a_clear_error():
 def test_taken_port_is_reported_before_starting(tmp_path, pg_server):
     with pytest.raises(ServiceError, match="already taken"):
         LocalPostgres(tmp_path / "pg", pg_server.port).start()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://etl:s3cret@db:5432/energy", "postgresql://etl:***@db:5432/energy"),
+        (
+            "postgresql://postgres@127.0.0.1:15432/energy",
+            "postgresql://postgres@127.0.0.1:15432/energy",
+        ),
+    ],
+)
+def test_passwords_are_redacted_before_printing(dsn, shown):
+    assert redact_dsn(dsn) == shown
+
+
+def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
+    server = LocalInflux(tmp_path, free_port())
+    tmp_path.mkdir(exist_ok=True)
+    server.pid_file.write_text(str(os.getpid()))  # this test process is not influxd
+    server.stop(timeout_s=1)
+    assert not server.pid_file.exists()
+    os.kill(os.getpid(), 0)  # still alive

@@ -53,7 +53,7 @@ def test_measurement_names_are_quoted_not_pasted(influx_db: InfluxClient):
 
 def test_unknown_database_is_a_clear_error(influx_server: LocalInflux):
     client = InfluxClient(influx_server.url, "no_such_db")
-    with pytest.raises(InfluxError, match="'no_such_db' does not exist"):
+    with pytest.raises(InfluxError, match="database not found: no_such_db"):
         client.read_points("telemetry", T0, T0.replace(minute=1))
 
 
@@ -132,3 +132,10 @@ def test_compactions_pending_reads_this_databases_engine_stats(influx_db: Influx
     assert influx_db.compactions_pending() >= 0
     other = InfluxClient(influx_db.url, "no_such_db")
     assert other.compactions_pending() == 0
+
+
+def test_unknown_retention_policy_is_a_clear_error_not_an_empty_minute(influx_db: InfluxClient):
+    influx_db.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
+    wrong = InfluxClient(influx_db.url, influx_db.database, retention_policy="no_such_rp")
+    with pytest.raises(InfluxError, match="retention policy not found"):
+        wrong.read_points("telemetry", T0, T0.replace(minute=1))

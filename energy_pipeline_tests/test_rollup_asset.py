@@ -181,3 +181,32 @@ def test_chunk_size_does_not_change_results(settings, influx_db, chunk_minutes):
     materialize_minutes(replace(settings, chunk_minutes=chunk_minutes), first,
                         first + timedelta(minutes=2))  # fmt: skip
     _assert_matches(settings.pg_dsn, independent_rollup(written, known))
+
+
+def test_each_chunk_commits_on_its_own(settings, influx_db, monkeypatch):
+    from dataclasses import replace
+
+    written, known, first, _ = _messy_minutes(settings, influx_db, minutes=2, devices=10)
+    real_copy = storage._copy_frame
+    copies = {"rollups": 0}
+
+    def fail_second_chunk(cur, table, frame):
+        if table == "device_rollup_1m":
+            copies["rollups"] += 1
+            if copies["rollups"] == 2:
+                raise RuntimeError("injected failure in the second chunk")
+        real_copy(cur, table, frame)
+
+    monkeypatch.setattr(storage, "_copy_frame", fail_second_chunk)
+    one_minute_chunks = replace(settings, chunk_minutes=1)
+    result = materialize_minutes(
+        one_minute_chunks, first, first + timedelta(minutes=1), raise_on_error=False
+    )
+    assert not result.success
+    with psycopg.connect(settings.pg_dsn) as conn:
+        ledger = [r[0] for r in conn.execute("SELECT bucket FROM energy.rollup_minutes")]
+    assert ledger == [first]  # the first chunk stayed committed; the second left nothing
+    expected = independent_rollup(written, known)
+    assert {(r[0], r[1]) for r in fetch_rollups(settings.pg_dsn)} == {
+        k for k in expected if k[1] == first
+    }
