@@ -9,7 +9,6 @@ point at several fleet sizes. Timings are reported, never asserted.
 
 from __future__ import annotations
 
-import io
 import random
 import resource
 import statistics
@@ -28,9 +27,9 @@ import psycopg
 
 from energy_pipeline.influx import InfluxClient, quote_ident, to_ns
 from energy_pipeline.ingest import process_window
-from energy_pipeline.lineprotocol import encode_points
 from energy_pipeline.simulator import build_fleet, generate_points
-from energy_pipeline.storage import connect, upsert_devices
+from energy_pipeline.storage import connect, copy_frame, upsert_devices
+from energy_pipeline.telemetry_writer import write_points
 
 NS = 1_000_000_000
 MEASUREMENT = "telemetry"
@@ -83,14 +82,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _copy_raw(conn: psycopg.Connection, points: pl.DataFrame) -> None:
-    frame = points.select(
-        pl.from_epoch("time", "ns").dt.strftime("%Y-%m-%d %H:%M:%S+00").alias("time"),
-        "device_id", "household_id", "power_w", "energy_wh", "voltage_v",
-    )  # fmt: skip
-    buf = io.BytesIO()
-    frame.write_csv(buf, include_header=False, quote_style="non_numeric")
-    with conn.cursor() as cur, cur.copy(f"COPY {RAW_TABLE} FROM STDIN WITH (FORMAT csv)") as copy:
-        copy.write(buf.getvalue())
+    frame = points.with_columns(pl.from_epoch("time", "ns"))
+    with conn.cursor() as cur:
+        copy_frame(cur, RAW_TABLE, frame, schema=None)
 
 
 def load_dataset(
@@ -110,15 +104,9 @@ def load_dataset(
         for i in range(minutes):
             minute = start + timedelta(minutes=i)
             points = generate_points(fleet, to_ns(minute), 60, seed=seed)
-            batches = [points.slice(o, 50_000) for o in range(0, points.height, 50_000)]
-            writes = [
-                pool.submit(influx.write_lines, encode_points(b, MEASUREMENT)) for b in batches
-            ]
             if conn is not None:
                 _copy_raw(conn, points)
-            for w in writes:
-                w.result()
-            total += points.height
+            total += write_points(influx, points, MEASUREMENT, pool)
             if (i + 1) % 5 == 0 or i + 1 == minutes:
                 say(f"  loaded {i + 1}/{minutes} minutes ({total:,} points, "
                     f"{total / (time.perf_counter() - t0):,.0f} points/s)")  # fmt: skip
@@ -199,8 +187,7 @@ def measure_minutes(
         s, e = start + timedelta(minutes=i), start + timedelta(minutes=i + 1)
         if fresh_fleet is not None:
             fresh = generate_points(fresh_fleet, to_ns(s), 60, seed=seed)
-            for o in range(0, fresh.height, 50_000):
-                influx.write_lines(encode_points(fresh.slice(o, 50_000), MEASUREMENT))
+            write_points(influx, fresh, MEASUREMENT)
             _copy_raw(conn, fresh)
         params = {"start": to_ns(s), "end": to_ns(e)}
         if i % 2:

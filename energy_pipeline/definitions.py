@@ -13,21 +13,16 @@ from energy_pipeline.resources import InfluxDBResource, PostgresResource, Rollup
 from energy_pipeline.sensors import build_late_data_sensor, build_minute_rollup_sensor
 
 
-def _secret(name: str, env: dict[str, str] | None) -> str | dg.EnvVar | None:
-    """Secrets stay `EnvVar`s (resolved at run time, never shown in the UI) when they are set."""
-    source = os.environ if env is None else env
-    if not source.get(name):
-        return None
-    return source[name] if env is not None else dg.EnvVar(name)
+def _secret(name: str, value: str | None) -> str | dg.EnvVar | None:
+    """A secret from `settings`, as an `EnvVar` (resolved at run time, never shown in the UI)
+    when that is where it came from; settings built otherwise (tests) are used as they are."""
+    if value and os.environ.get(name) == value:
+        return dg.EnvVar(name)
+    return value
 
 
-def build_definitions(
-    settings: Settings, now: datetime | None = None, secrets_env: dict[str, str] | None = None
-) -> dg.Definitions:
-    """Assets, sensors and resources for the given settings.
-
-    `secrets_env` lets tests pass credentials directly; otherwise they come from the environment.
-    """
+def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Definitions:
+    """Assets, sensors and resources for the given settings (secrets from the environment)."""
     partitions = build_minute_partitions(now or datetime.now(UTC), settings.raw_retention_days)
     device_rollup_1m = build_device_rollup_1m(partitions)
     return dg.Definitions(
@@ -42,13 +37,13 @@ def build_definitions(
                 database=settings.influx_database,
                 retention_policy=settings.influx_retention_policy,
                 measurement=settings.influx_measurement,
-                username=_secret("INFLUXDB_USERNAME", secrets_env),
-                password=_secret("INFLUXDB_PASSWORD", secrets_env),
-                token=_secret("INFLUXDB_TOKEN", secrets_env),
+                username=_secret("INFLUXDB_USERNAME", settings.secrets.get("INFLUXDB_USERNAME")),
+                password=_secret("INFLUXDB_PASSWORD", settings.secrets.get("INFLUXDB_PASSWORD")),
+                token=_secret("INFLUXDB_TOKEN", settings.secrets.get("INFLUXDB_TOKEN")),
             ),
             # The DSN can carry a password: keep it an EnvVar when it comes from the environment.
             "postgres": PostgresResource(
-                dsn=_secret("ENERGY_PG_DSN", secrets_env) or settings.pg_dsn
+                dsn=_secret("ENERGY_PG_DSN", settings.pg_dsn) or settings.pg_dsn
             ),
             "rollup_settings": RollupSettings(
                 settle_seconds=settings.settle_seconds,

@@ -49,8 +49,12 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", dsn)
 
 
-def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
-    """COPY a frame into `energy.<table>` as CSV (Polars writes it; no per-row Python)."""
+def copy_frame(
+    cur: psycopg.Cursor, table: str, frame: pl.DataFrame, schema: str | None = "energy"
+) -> None:
+    """COPY a frame into `<schema>.<table>` (its own columns) as CSV, written by Polars: no
+    per-row Python. Datetimes must be UTC; `schema=None` targets a temporary or search-path table.
+    """
     if frame.is_empty():
         return
     buf = io.BytesIO()
@@ -60,8 +64,9 @@ def _copy_frame(cur: psycopg.Cursor, table: str, frame: pl.DataFrame) -> None:
         datetime_format="%Y-%m-%d %H:%M:%S%.6f+00",
         quote_style="non_numeric",
     )
-    stmt = sql.SQL("COPY energy.{} ({}) FROM STDIN WITH (FORMAT csv)").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, frame.columns))
+    target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    stmt = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+        target, sql.SQL(", ").join(map(sql.Identifier, frame.columns))
     )
     with cur.copy(stmt) as copy:
         copy.write(buf.getvalue())
@@ -101,13 +106,13 @@ def replace_minutes(
         )
         cur.execute("DELETE FROM energy.rollup_minutes WHERE bucket >= %s AND bucket < %s", window)
         stamp = pl.lit(computed_at).dt.convert_time_zone("UTC").alias("computed_at")
-        _copy_frame(cur, "device_rollup_1m", rollups.select(*ROLLUP_COLUMNS, stamp))
-        _copy_frame(
+        copy_frame(cur, "device_rollup_1m", rollups.select(*ROLLUP_COLUMNS, stamp))
+        copy_frame(
             cur,
             "quarantine",
             quarantine.select(pl.lit(SOURCE_MINUTE_ROLLUP).alias("source"), *QUARANTINE_SCHEMA),
         )
-        _copy_frame(cur, "rollup_minutes", ledger.select(*LEDGER_COLUMNS, stamp))
+        copy_frame(cur, "rollup_minutes", ledger.select(*LEDGER_COLUMNS, stamp))
 
 
 def registered_devices(conn: psycopg.Connection) -> pl.DataFrame:
@@ -128,13 +133,7 @@ def upsert_devices(conn: psycopg.Connection, devices: pl.DataFrame) -> int:
         cur.execute(
             "CREATE TEMP TABLE devices_in (LIKE energy.devices INCLUDING DEFAULTS) ON COMMIT DROP"
         )
-        buf = io.BytesIO()
-        frame.write_csv(buf, include_header=False, quote_style="non_numeric")
-        stmt = sql.SQL("COPY devices_in ({}) FROM STDIN WITH (FORMAT csv)").format(
-            sql.SQL(", ").join(map(sql.Identifier, cols))
-        )
-        with cur.copy(stmt) as copy:
-            copy.write(buf.getvalue())
+        copy_frame(cur, "devices_in", frame, schema=None)
         updates = sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in cols[1:]
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -36,10 +37,23 @@ class SimulationOptions:
     register: bool = True
 
 
-def write_points(influx: InfluxClient, points: pl.DataFrame, measurement: str) -> int:
-    """Encode and POST points in batches; returns the number of lines written."""
-    for offset in range(0, points.height, WRITE_BATCH_LINES):
-        influx.write_lines(encode_points(points.slice(offset, WRITE_BATCH_LINES), measurement))
+def write_points(
+    influx: InfluxClient,
+    points: pl.DataFrame,
+    measurement: str,
+    pool: Executor | None = None,
+) -> int:
+    """Encode and POST points in batches (concurrently on `pool` if given); returns the lines."""
+    batches = [
+        encode_points(points.slice(offset, WRITE_BATCH_LINES), measurement)
+        for offset in range(0, points.height, WRITE_BATCH_LINES)
+    ]
+    if pool is None:
+        for body in batches:
+            influx.write_lines(body)
+    else:
+        for done in [pool.submit(influx.write_lines, body) for body in batches]:
+            done.result()
     return points.height
 
 

@@ -131,18 +131,18 @@ def test_failure_mid_write_keeps_previous_rows_and_next_run_repairs(
     extra = generate_points(fleet.head(3), int(first.timestamp()) * NS + NS // 2, 1, seed=9)
     extra = extra.with_columns(pl.col("time") + NS // 2)
     written += _write(influx_db, extra)
-    real_copy = storage._copy_frame
+    real_copy = storage.copy_frame
 
-    def copy_then_fail(cur, table, frame):
-        real_copy(cur, table, frame)
+    def copy_then_fail(cur, table, frame, **kwargs):
+        real_copy(cur, table, frame, **kwargs)
         if table == "device_rollup_1m":
             raise RuntimeError("injected failure after writing rollups")
 
-    monkeypatch.setattr(storage, "_copy_frame", copy_then_fail)
+    monkeypatch.setattr(storage, "copy_frame", copy_then_fail)
     assert not materialize_minutes(settings, first, first, raise_on_error=False).success
     assert (fetch_rollups(settings.pg_dsn), fetch_quarantine(settings.pg_dsn)) == before
 
-    monkeypatch.setattr(storage, "_copy_frame", real_copy)
+    monkeypatch.setattr(storage, "copy_frame", real_copy)
     materialize_minutes(settings, first, first)
     _assert_matches(settings.pg_dsn, independent_rollup(written, known))
     assert fetch_rollups(settings.pg_dsn) != before[0]
@@ -187,17 +187,17 @@ def test_each_chunk_commits_on_its_own(settings, influx_db, monkeypatch):
     from dataclasses import replace
 
     written, known, first, _ = _messy_minutes(settings, influx_db, minutes=2, devices=10)
-    real_copy = storage._copy_frame
+    real_copy = storage.copy_frame
     copies = {"rollups": 0}
 
-    def fail_second_chunk(cur, table, frame):
+    def fail_second_chunk(cur, table, frame, **kwargs):
         if table == "device_rollup_1m":
             copies["rollups"] += 1
             if copies["rollups"] == 2:
                 raise RuntimeError("injected failure in the second chunk")
-        real_copy(cur, table, frame)
+        real_copy(cur, table, frame, **kwargs)
 
-    monkeypatch.setattr(storage, "_copy_frame", fail_second_chunk)
+    monkeypatch.setattr(storage, "copy_frame", fail_second_chunk)
     one_minute_chunks = replace(settings, chunk_minutes=1)
     result = materialize_minutes(
         one_minute_chunks, first, first + timedelta(minutes=1), raise_on_error=False
