@@ -79,11 +79,16 @@ def series_slices(parts: int) -> list[str]:
 
 
 def raw_points_query(measurement: str, condition: str = "") -> str:
-    """InfluxQL for every raw point in [$start, $end), tags selected as columns."""
+    """InfluxQL for every raw point in [$start, $end), tags selected as columns.
+
+    `GROUP BY device_id` returns the points device by device instead of merged into one time
+    order across all series. InfluxDB then skips merging 5,000 series point by point: a 60-minute
+    read of compacted history took half the time here, and a fresh minute was no slower.
+    """
     fields = ", ".join(quote_ident(c) for c in (*RAW_FIELDS, *RAW_TAGS))
     return (
         f"SELECT {fields} FROM {quote_ident(measurement)} "
-        f"WHERE time >= $start AND time < $end{condition}"
+        f'WHERE time >= $start AND time < $end{condition} GROUP BY "device_id"'
     )
 
 

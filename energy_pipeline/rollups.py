@@ -148,14 +148,7 @@ def roll_up_minutes(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     points_read = raw.height
-    # Exact duplicates: same device and timestamp (different series in InfluxDB, e.g. a device
-    # reported under two households). Keep one, deterministically.
-    ordered = raw.sort(["device_id", "time", "household_id"], nulls_last=True)
-    is_dup = ordered.select(
-        ~pl.struct("device_id", "time").is_first_distinct() & pl.col("device_id").is_not_null()
-    ).to_series()
-    duplicates = ordered.filter(is_dup)
-    deduped = ordered.filter(~is_dup)
+    duplicates, deduped = _split_duplicates(raw)
 
     parsed, parse_failures = parse_fields(deduped)
     known = devices["device_id"] if devices is not None else None
@@ -167,9 +160,13 @@ def roll_up_minutes(
         .group_by("index")
         .agg(pl.col("reason").unique().sort().str.join("; "))
     )
-    indexed = parsed.with_row_index("index").with_columns(pl.col("index").cast(pl.Int64))
-    rejected = indexed.join(reasons, on="index", how="inner").drop("index")
-    valid = indexed.join(reasons, on="index", how="anti").drop("index")
+    if reasons.is_empty():  # the usual case: no need to split the frame
+        valid = parsed
+        rejected = parsed.clear().with_columns(pl.lit(None, pl.String).alias("reason"))
+    else:
+        indexed = parsed.with_row_index("index").with_columns(pl.col("index").cast(pl.Int64))
+        rejected = indexed.join(reasons, on="index", how="inner").drop("index")
+        valid = indexed.join(reasons, on="index", how="anti").drop("index")
     seconds["validate"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -190,6 +187,22 @@ def roll_up_minutes(
     )
 
 
+def _split_duplicates(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(duplicates, the rest): points repeating a (device, timestamp) seen in another row.
+
+    Such points come from different series in InfluxDB, e.g. a device reported under two
+    households. The one with the smallest household is kept, so the result does not depend on the
+    order points arrive in. Hashing finds whether there are any; only then is sorting worth it.
+    """
+    key = pl.struct("device_id", "time")
+    has_device = pl.col("device_id").is_not_null()
+    if not raw.select((key.is_duplicated() & has_device).any()).item():
+        return raw.clear(), raw
+    ordered = raw.sort(["device_id", "time", "household_id"], nulls_last=True)
+    is_dup = ordered.select(~key.is_first_distinct() & has_device).to_series()
+    return ordered.filter(is_dup), ordered.filter(~is_dup)
+
+
 def _roll_up(
     valid: pl.DataFrame, rejected: pl.DataFrame, devices: pl.DataFrame | None
 ) -> pl.DataFrame:
@@ -198,7 +211,8 @@ def _roll_up(
         valid.with_columns(_bucket().alias("bucket"))
         .group_by(keys)
         .agg(
-            pl.col("household_id").first(),
+            # The household of the minute's first point, whatever order the points came in.
+            pl.col("household_id").get(pl.col("time").arg_min()),
             pl.len().cast(pl.UInt32).alias("sample_count"),
             pl.col("power_w").mean().alias("power_w_avg"),
             pl.col("power_w").min().alias("power_w_min"),
@@ -218,7 +232,11 @@ def _roll_up(
         .group_by(keys)
         .agg(
             pl.len().cast(pl.UInt32).alias("rejected_count"),
-            pl.col("household_id").drop_nulls().first().alias("rejected_household_id"),
+            pl.col("household_id")
+            .sort_by("time")
+            .drop_nulls()
+            .first()
+            .alias("rejected_household_id"),
         )
     )
     out = agg.join(rej, on=keys, how="full", coalesce=True)
