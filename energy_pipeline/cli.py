@@ -176,7 +176,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from energy_pipeline.bench import BenchOptions, BenchTargets, format_table, run_bench
 
     opts = BenchOptions.quick() if args.quick else BenchOptions()
-    names = ("devices", "minutes", "long_minutes", "readers", "read_seconds", "seed")
+    names = ("devices", "minutes", "long_minutes", "readers", "read_seconds", "read_hours",
+             "read_households", "seed")  # fmt: skip
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     opts = replace(opts, **overrides)
     services_up(settings)
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-minutes", type=int, help="ranged-run length, 0 skips (default 60)")
     p.add_argument("--readers", type=int)
     p.add_argument("--read-seconds", type=float)
+    p.add_argument("--read-hours", type=int, help="BI read window in hours (24; quick: 1)")
+    p.add_argument("--read-households", type=int, help="households read (20; quick: 2)")
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--live-minutes",

@@ -8,7 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from energy_pipeline.bench import BenchOptions, BenchTargets, format_table, run_bench
+from energy_pipeline.bench import (
+    READ_QUERIES,
+    BenchOptions,
+    BenchTargets,
+    format_table,
+    run_bench,
+)
 
 
 def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
@@ -37,15 +43,31 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
     ranged = figures["ranged"]
     assert ranged["points"] == per_minute * 2
     assert ranged["peak_rss_mib"] > 0 and ranged["seconds"] > 0
+    reads = figures["reads"]
+    sample = reads["dataset"]
+    span = max(opts.minutes, opts.long_minutes)
+    assert sample["households"] == opts.read_households
+    assert sample["devices"] == opts.read_households * 5  # build_fleet: 5 devices a household
+    # The sampled devices have every second and every minute of the window in both tables.
+    assert sample["raw_rows_in_window"] == sample["devices"] * opts.read_hours * 3600
+    assert sample["rollup_rows_in_window"] == sample["devices"] * opts.read_hours * 60
+    assert sample["points_loaded"] == sample["devices"] * (opts.read_hours * 60 - span) * 60
+    assert sample["all_devices_minutes"] == span and sample["raw_table_bytes_per_row"] > 0
     for table in ("rollup", "raw"):
-        reads = figures["reads"][table]
-        assert reads["queries"] > 0
-        assert 0 < reads["p50_ms"] <= reads["p95_ms"] <= reads["p99_ms"]
-    assert figures["reads"]["minutes_rewritten_meanwhile"] > 0
+        t = reads[table]
+        assert t["queries"] == sum(q["queries"] for q in t["by_query"].values()) > 0
+        assert 0 < t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"]
+        assert set(t["by_query"]) == set(READ_QUERIES)
+        for q in t["by_query"].values():
+            assert q["queries"] > 0 and 0 < q["p50_ms"] <= q["p95_ms"]
+    assert set(reads["p95_speedup_by_query"]) == set(READ_QUERIES)
+    assert all(v > 0 for v in reads["p95_speedup_by_query"].values())
+    assert reads["p95_speedup"] > 0
+    assert reads["minutes_rewritten_meanwhile"] > 0
     assert [r["devices"] for r in figures["scaling"]] == list(opts.scaling)
     assert [r["points"] for r in figures["scaling"]] == [n * 60 for n in opts.scaling]
     assert figures["scaling_spread"] >= 1.0
     table = format_table(result)
     assert "fresh minute: in-asset total" in table and "history minute: read" in table
-    assert "reads on raw" in table
+    assert "reads on raw" in table and "reads top5_devices_24h: raw p95 / rollup p95" in table
     assert any("loaded" in m for m in messages)
