@@ -9,6 +9,7 @@ point at several fleet sizes. Timings are reported, never asserted.
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import statistics
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dataclasses_replace
 from datetime import UTC, datetime, timedelta
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -65,6 +67,8 @@ class BenchTargets:
     influx_database: str
     pg_dsn: str
     influx_auth: dict[str, str] = field(default_factory=dict)
+    # The local InfluxDB server's pid, to count the CPU it spends (None: not measured).
+    influx_pid: int | None = None
 
     def influx(self, database: str | None = None) -> InfluxClient:
         return InfluxClient(
@@ -224,13 +228,46 @@ def measure_minutes(
     }
 
 
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) process `pid` has used so far; NaN when it cannot be read."""
+    if pid is None:
+        return float("nan")
+    try:
+        # Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _ranged_child(targets: BenchTargets, start: datetime, minutes: int, chunk: int) -> dict:
+    """The ranged run, then the same range only read from InfluxDB, with the CPU each took.
+
+    The CPU seconds of InfluxDB, this process and its PostgreSQL backend, divided by the cores,
+    are the shortest wall time this much work could take here: the floor for the ranged run.
+    """
+    end = start + timedelta(minutes=minutes)
+    influx = targets.influx()
     with connect(targets.pg_dsn) as conn:
+        backend = conn.info.backend_pid
+        before = (_cpu_s(targets.influx_pid), _own_cpu_s(), _cpu_s(backend))
         t = time.perf_counter()
-        stats = process_window(
-            targets.influx(), conn, MEASUREMENT, start, start + timedelta(minutes=minutes), chunk
-        )
+        stats = process_window(influx, conn, MEASUREMENT, start, end, chunk)
         seconds = time.perf_counter() - t
+        after = (_cpu_s(targets.influx_pid), _own_cpu_s(), _cpu_s(backend))
+    names = ("influxdb", "pipeline", "postgres")
+    cpu = {k: b - a for k, a, b in zip(names, before, after, strict=True)}
+    # The reference: InfluxDB streaming the same range the same way, nothing done with it.
+    influx_before, t = _cpu_s(targets.influx_pid), time.perf_counter()
+    for window in chunk_windows(start, end, chunk):
+        influx.read_points(MEASUREMENT, *window, parallel=2)
+    read_only_s = time.perf_counter() - t
+    cores = os.cpu_count() or 1
     return {
         "minutes": minutes,
         "chunk_minutes": chunk,
@@ -240,6 +277,11 @@ def _ranged_child(targets: BenchTargets, start: datetime, minutes: int, chunk: i
         "stages_s": stats.seconds,
         # ru_maxrss is in KiB on Linux; the child's own peak, imports included.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_s": cpu,
+        "cores": cores,
+        "cpu_floor_s": sum(cpu.values()) / cores,
+        "read_only_s": read_only_s,
+        "read_only_influxdb_cpu_s": _cpu_s(targets.influx_pid) - influx_before,
     }
 
 
@@ -517,12 +559,10 @@ def measure_live(
 
     Uses its own InfluxDB and PostgreSQL databases, so the loaded history is not touched.
     """
-    import os
     import shutil
     import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
     from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
     from energy_pipeline.telemetry_writer import SimulationOptions, run_live
@@ -598,6 +638,10 @@ def measure_live(
         "sensor_runs": len(runs),
         "close_to_success_p50_s": stat("close_to_success_s", 0.5),
         "close_to_success_p95_s": stat("close_to_success_s", 0.95),
+        # Had every minute been rolled up as fast as the fastest run, "now - end of the newest
+        # complete minute" would still climb for 60 s before the next one lands: its p95 can be no
+        # lower than this.
+        "freshness_lag_p95_floor_s": stat("close_to_success_s", 0.0) + 0.95 * 60,
         "wait_for_sensor_p50_s": stat("wait_for_sensor_s", 0.5),
         "launch_p50_s": stat("launch_s", 0.5),
         "run_p50_s": stat("run_s", 0.5),
@@ -653,6 +697,8 @@ def run_bench(
         result["scaling"] = measure_scaling(targets, conn, start, opts, say)
         costs = [r["us_per_point"] for r in result["scaling"]]
         result["scaling_spread"] = max(costs) / min(costs)
+        mean_cost = statistics.fmean(costs)
+        result["scaling_max_deviation"] = max(abs(c / mean_cost - 1) for c in costs)
     if live_minutes and live_dsns:
         say(f"live for {live_minutes} minutes: simulator + Dagster daemon")
         result["live"] = measure_live(targets, *live_dsns, opts, live_minutes, say)
@@ -686,7 +732,12 @@ def format_table(r: dict[str, Any]) -> str:
             (f"ranged run of {g['minutes']} minutes: total (s)", f"{g['seconds']:.2f}"),
             ("ranged run: points/s", f"{g['points_per_s']:,.0f}"),
             ("ranged run: peak RSS of its process (MiB)", f"{g['peak_rss_mib']:.0f}"),
-        ]
+            *((f"ranged run: CPU s, {k}", f"{v:.1f}") for k, v in g["cpu_s"].items()),
+            (f"ranged run: CPU floor, all CPU s / {g['cores']} cores (s)",
+             f"{g['cpu_floor_s']:.1f}"),
+            ("same range only read from InfluxDB (s)", f"{g['read_only_s']:.2f}"),
+            ("  InfluxDB CPU s for that read", f"{g['read_only_influxdb_cpu_s']:.1f}"),
+        ]  # fmt: skip
     ds = rd["dataset"]
     rows += [
         ("reads: sampled households / devices", f"{ds['households']} / {ds['devices']}"),
@@ -717,6 +768,8 @@ def format_table(r: dict[str, Any]) -> str:
         for x in r["scaling"]
     ]  # fmt: skip
     rows.append(("scaling: max/min cost per point", f"{r['scaling_spread']:.2f}"))
+    rows.append(("scaling: largest deviation from the mean cost per point",
+                 f"{r['scaling_max_deviation']:.0%}"))  # fmt: skip
     for k, v in (r.get("live") or {}).items():
         if isinstance(v, int | float):
             rows.append((f"live: {k}", f"{v:.2f}"))

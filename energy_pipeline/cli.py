@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     opts = replace(opts, **overrides)
     services_up(settings)
-    _, pg = _servers(settings)
+    influx, pg = _servers(settings)
     pg.create_database("energy_bench")
     pg.create_database("energy_bench_live")
     pg.create_database("energy_bench_dagster")
@@ -190,6 +190,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         influx_database="energy_bench",
         pg_dsn=pg.dsn("energy_bench"),
         influx_auth=settings.secrets,
+        influx_pid=influx.pid,
     )
     result = run_bench(
         targets,

@@ -272,15 +272,15 @@ class InfluxClient:
             # JSON, which reports them.
             self.query_json(q, params)
             return pl.DataFrame(schema=dict(schema or {}))
-        frame = pl.read_csv(
+        header = body[: body.find(b"\n")].decode().strip().split(",")
+        # Parse only the wanted columns: `name` and `tags` repeat on every row and cost memory.
+        wanted = [c for c in (schema or header) if c in header and c not in ("name", "tags")]
+        return pl.read_csv(
             io.BytesIO(body),
+            columns=wanted,
             schema_overrides=dict(schema or {}),
             infer_schema_length=0 if schema else 100,
-        )
-        frame = frame.drop([c for c in ("name", "tags") if c in frame.columns])
-        if schema:
-            frame = frame.select([c for c in schema if c in frame.columns])
-        return frame
+        ).select(wanted)
 
     def read_points(
         self, measurement: str, start: datetime, end: datetime, parallel: int = 1
@@ -296,7 +296,8 @@ class InfluxClient:
         else:
             with ThreadPoolExecutor(len(queries), thread_name_prefix="influx-slice") as pool:
                 frames = list(pool.map(lambda q: self.query_frame(q, params, RAW_SCHEMA), queries))
-        return pl.concat([_conform(f, RAW_SCHEMA) for f in frames])
+        # No rechunk: the caller only filters and groups, and a copy of the window costs memory.
+        return pl.concat([_conform(f, RAW_SCHEMA) for f in frames], rechunk=False)
 
     def minute_counts(self, measurement: str, start: datetime, end: datetime) -> pl.DataFrame:
         """Per minute in [start, end): `minute` (ns), `power_w_points`, `energy_wh_points`."""

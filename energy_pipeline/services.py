@@ -143,8 +143,13 @@ bind-address = "{LOOPBACK}:{rpc_port}"
         except requests.RequestException:
             return False
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return _pid_alive(self.pid_file, "influxd")
+
     def running(self) -> bool:
-        return _pid_alive(self.pid_file, "influxd") is not None and self.ping()
+        return self.pid is not None and self.ping()
 
     def start(self, timeout_s: float = 30) -> None:
         """Start the server unless it is already running; idempotent."""

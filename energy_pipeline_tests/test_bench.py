@@ -17,10 +17,12 @@ from energy_pipeline.bench import (
 )
 
 
-def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
+def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_server):
     # Quick mode, plus a 2-minute ranged run so the child-process path is exercised too.
     opts = replace(BenchOptions.quick(), long_minutes=2)
-    targets = BenchTargets(settings.influx_url, influx_db.database, settings.pg_dsn)
+    targets = BenchTargets(
+        settings.influx_url, influx_db.database, settings.pg_dsn, influx_pid=influx_server.pid
+    )
     messages: list[str] = []
     try:
         result = run_bench(targets, opts, messages.append)
@@ -43,6 +45,10 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
     ranged = figures["ranged"]
     assert ranged["points"] == per_minute * 2
     assert ranged["peak_rss_mib"] > 0 and ranged["seconds"] > 0
+    assert set(ranged["cpu_s"]) == {"influxdb", "pipeline", "postgres"}
+    assert all(v > 0 for v in ranged["cpu_s"].values())
+    assert ranged["cpu_floor_s"] == sum(ranged["cpu_s"].values()) / ranged["cores"]
+    assert ranged["read_only_s"] > 0 and ranged["read_only_influxdb_cpu_s"] > 0
     reads = figures["reads"]
     sample = reads["dataset"]
     span = max(opts.minutes, opts.long_minutes)
@@ -67,6 +73,7 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db):
     assert [r["devices"] for r in figures["scaling"]] == list(opts.scaling)
     assert [r["points"] for r in figures["scaling"]] == [n * 60 for n in opts.scaling]
     assert figures["scaling_spread"] >= 1.0
+    assert 0 <= figures["scaling_max_deviation"] < figures["scaling_spread"]
     table = format_table(result)
     assert "fresh minute: in-asset total" in table and "history minute: read" in table
     assert "reads on raw" in table and "reads top5_devices_24h: raw p95 / rollup p95" in table
