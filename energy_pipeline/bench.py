@@ -487,6 +487,10 @@ def measure_reads(
     finally:
         stop.set()
         thread.join()
+    # One reader on an idle machine: what a query costs without waiting behind 31 others.
+    alone = (sample, window, 1, min(opts.read_seconds, 15.0), opts.seed)
+    single = {"rollup": _readers(targets.pg_dsn, 0, *alone),
+              "raw": _readers(targets.pg_dsn, 1, *alone)}  # fmt: skip
     return {
         "readers": opts.readers,
         "seconds_each": opts.read_seconds,
@@ -497,6 +501,10 @@ def measure_reads(
         "p95_speedup": raw["p95_ms"] / rollup["p95_ms"],
         "p95_speedup_by_query": {
             k: raw["by_query"][k]["p95_ms"] / rollup["by_query"][k]["p95_ms"] for k in READ_QUERIES
+        },
+        "single_reader": {
+            table: {k: v["p50_ms"] for k, v in single[table]["by_query"].items()}
+            for table in single
         },
     }
 
@@ -762,6 +770,10 @@ def format_table(r: dict[str, Any]) -> str:
             )
         rows.append((f"reads {name}: raw p95 / rollup p95", f"{ratio:.1f}"))
     rows.append(("reads: raw p95 / rollup p95, all queries", f"{rd['p95_speedup']:.1f}"))
+    for name in rd["single_reader"]["rollup"]:
+        one = rd["single_reader"]
+        rows.append((f"reads {name}, 1 reader, idle: rollup / raw p50 (ms)",
+                     f"{one['rollup'][name]:.1f} / {one['raw'][name]:.1f}"))  # fmt: skip
     rows += [
         (f"scaling {x['devices']} devices: us/point (s/minute)",
          f"{x['us_per_point']:.2f} ({x['in_asset_s']:.3f})")

@@ -70,6 +70,9 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     assert all(v > 0 for v in reads["p95_speedup_by_query"].values())
     assert reads["p95_speedup"] > 0
     assert reads["minutes_rewritten_meanwhile"] > 0
+    for table in ("rollup", "raw"):
+        alone = reads["single_reader"][table]
+        assert set(alone) == set(READ_QUERIES) and all(v > 0 for v in alone.values())
     assert [r["devices"] for r in figures["scaling"]] == list(opts.scaling)
     assert [r["points"] for r in figures["scaling"]] == [n * 60 for n in opts.scaling]
     assert figures["scaling_spread"] >= 1.0
