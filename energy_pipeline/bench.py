@@ -13,6 +13,8 @@ import os
 import random
 import resource
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +28,12 @@ from typing import Any
 
 import polars as pl
 import psycopg
+from psycopg import sql
 
 from energy_pipeline.influx import InfluxClient, quote_ident, to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
 from energy_pipeline.rollups import roll_up_minutes
+from energy_pipeline.services import LocalPostgres
 from energy_pipeline.simulator import build_fleet, generate_points
 from energy_pipeline.storage import connect, copy_frame, replace_minutes, upsert_devices
 from energy_pipeline.telemetry_writer import write_points
@@ -381,6 +385,29 @@ def _read_dataset(
     }
 
 
+def _pgbench_script(
+    conn: psycopg.Connection, query: str, sample: pl.DataFrame, window: tuple[datetime, datetime]
+) -> str:
+    """A pgbench script running `query` for a random sampled household or device each time."""
+    households = sample["household_id"].unique().sort().to_list()
+    devices = sample["device_id"].to_list()
+
+    def pick(values: list[Any], var: str) -> str:
+        items = ", ".join(sql.Literal(v).as_string(conn) for v in values)
+        return f"(ARRAY[{items}])[:{var}]"
+
+    params = {
+        "h": pick(households, "h"),
+        "d": pick(devices, "d"),
+        "s": sql.Literal(window[0]).as_string(conn),
+        "e": sql.Literal(window[1]).as_string(conn),
+    }
+    return (
+        f"\\set h random(1, {len(households)})\n\\set d random(1, {len(devices)})\n"
+        f"{query % params};\n"
+    )
+
+
 def _readers(
     dsn: str,
     which: int,
@@ -390,32 +417,32 @@ def _readers(
     seconds: float,
     seed: int,
 ) -> dict[str, Any]:
-    devices = sample["device_id"].to_list()
-    households = sample["household_id"].unique().sort().to_list()
-    latencies: dict[str, list[float]] = {name: [] for name in READ_QUERIES}
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-    ready = threading.Barrier(readers)
+    """`readers` concurrent pgbench clients for `seconds`, each query type equally likely.
 
-    def reader(k: int) -> None:
-        rng = random.Random(seed * 1_000 + k)
-        with psycopg.connect(dsn) as conn:
-            conn.autocommit = True
-            ready.wait()
-            while time.monotonic() < deadline:
-                name = rng.choice(list(READ_QUERIES))
-                params = {"h": rng.choice(households), "d": rng.choice(devices),
-                          "s": window[0], "e": window[1]}  # fmt: skip
-                t = time.perf_counter()
-                conn.execute(READ_QUERIES[name][which], params).fetchall()
-                with lock:
-                    latencies[name].append((time.perf_counter() - t) * 1000)
-
-    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    pgbench (C, in its own process) is the load: Python threads sharing one interpreter lock
+    queued behind each other and halved the queries/s PostgreSQL could serve, which is a limit
+    of the client, not of the tables. Latencies come from pgbench's per-query log.
+    """
+    pgbench = str(LocalPostgres.bin_dir() / "pgbench")
+    names = list(READ_QUERIES)
+    with tempfile.TemporaryDirectory(prefix="bench-readers-") as tmp, psycopg.connect(dsn) as conn:
+        args = [pgbench, "--no-vacuum", "--client", str(readers),
+                "--jobs", str(min(readers, os.cpu_count() or 1)), "--time", str(round(seconds)),
+                "--protocol", "prepared", "--random-seed", str(seed),
+                "--log", "--log-prefix", f"{tmp}/latency"]  # fmt: skip
+        for k, name in enumerate(names):
+            script = Path(tmp) / f"{k}.sql"
+            script.write_text(_pgbench_script(conn, READ_QUERIES[name][which], sample, window))
+            args += ["--file", str(script)]
+        done = subprocess.run([*args, dsn], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-500:]}")
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        for log in Path(tmp).glob("latency.*"):
+            # client, transaction, latency (us), script, epoch (s), epoch (us)
+            for line in log.read_text().splitlines():
+                fields = line.split()
+                latencies[names[int(fields[3])]].append(int(fields[2]) / 1000)
     every = [v for vs in latencies.values() for v in vs]
     return {
         "queries": len(every),
@@ -568,9 +595,7 @@ def measure_live(
     Uses its own InfluxDB and PostgreSQL databases, so the loaded history is not touched.
     """
     import shutil
-    import subprocess
     import sys
-    import tempfile
 
     from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
     from energy_pipeline.telemetry_writer import SimulationOptions, run_live
