@@ -541,25 +541,35 @@ def measure_scaling(
     targets: BenchTargets, conn: psycopg.Connection, start: datetime, opts: BenchOptions,
     say: Progress,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """In-asset seconds per minute at each fleet size, each in its own InfluxDB database."""
-    rows = []
+    """In-asset seconds per minute at each fleet size, each in its own InfluxDB database.
+
+    The sizes take turns, one minute each, so background work on the machine (autovacuum after
+    the bench's big loads, InfluxDB compactions) weighs on all of them alike.
+    """
+    databases = {}
     for k, n in enumerate(opts.scaling):
         minute = start - timedelta(minutes=5 * (k + 1))
         influx = targets.influx(f"{targets.influx_database}_scale_{n}")
-        fleet = build_fleet(n, seed=opts.seed)
-        upsert_devices(conn, fleet)
+        upsert_devices(conn, fleet := build_fleet(n, seed=opts.seed))
         load_dataset(influx, None, fleet, minute, 2, opts.seed, lambda _m: None)
-        runs = []
-        for i in range(SCALING_RUNS + 1):
+        databases[n] = (influx, minute)
+    for influx, _ in databases.values():
+        wait_for_quiet_influx(influx)
+    seconds: dict[int, list[float]] = {n: [] for n in opts.scaling}
+    points: dict[int, int] = {}
+    for i in range(SCALING_RUNS + 1):
+        for n, (influx, minute) in databases.items():
             s = minute + timedelta(minutes=i % 2)
             stats = process_window(influx, conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
-            runs.append(sum(stats.seconds.values()))
+            seconds[n].append(sum(stats.seconds.values()))
+            points[n] = stats.points_read
+    rows = []
+    for n in opts.scaling:
         # The first run pays for cold caches and new connections, which is not cost per point.
-        seconds = statistics.median(runs[1:])
-        points = stats.points_read
-        rows.append({"devices": n, "points": points, "in_asset_s": seconds,
-                     "us_per_point": seconds / points * 1e6})  # fmt: skip
-        say(f"  scaling {n} devices: {seconds:.3f} s/minute")
+        median = statistics.median(seconds[n][1:])
+        rows.append({"devices": n, "points": points[n], "in_asset_s": median,
+                     "us_per_point": median / points[n] * 1e6})  # fmt: skip
+        say(f"  scaling {n} devices: {median:.3f} s/minute")
     return rows
 
 
