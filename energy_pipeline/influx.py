@@ -8,6 +8,7 @@ database/retention-policy mapping, and by 3.x. Values reach InfluxQL only as bou
 from __future__ import annotations
 
 import base64
+import csv
 import http.client
 import io
 import json
@@ -272,7 +273,7 @@ class InfluxClient:
             # JSON, which reports them.
             self.query_json(q, params)
             return pl.DataFrame(schema=dict(schema or {}))
-        header = body[: body.find(b"\n")].decode().strip().split(",")
+        header = next(csv.reader([body[: body.find(b"\n")].decode()]))
         # Parse only the wanted columns: `name` and `tags` repeat on every row and cost memory.
         wanted = [c for c in (schema or header) if c in header and c not in ("name", "tags")]
         return pl.read_csv(

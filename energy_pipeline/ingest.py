@@ -19,6 +19,9 @@ from energy_pipeline.influx import InfluxClient
 from energy_pipeline.rollups import roll_up_minutes
 from energy_pipeline.storage import registered_devices, replace_minutes
 
+# Concurrent InfluxDB queries per read, each over a disjoint slice of the series (see influx.py).
+READ_PARALLELISM = 2
+
 
 @dataclass
 class WindowStats:
@@ -59,7 +62,7 @@ def process_window(
     end: datetime,
     chunk_minutes: int = 5,
     log: Callable[[str], None] | None = None,
-    read_parallelism: int = 2,
+    read_parallelism: int = READ_PARALLELISM,
 ) -> WindowStats:
     """Roll up every minute of [start, end) and replace those minutes in PostgreSQL."""
     stats = WindowStats(start, end)

@@ -49,7 +49,7 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     # Counted in clock ticks (10 ms): a small backend's share can round to zero.
     assert all(v >= 0 for v in ranged["cpu_s"].values()) and ranged["cpu_s"]["pipeline"] > 0
     assert ranged["cpu_floor_s"] == sum(ranged["cpu_s"].values()) / ranged["cores"]
-    assert ranged["read_only_s"] > 0 and ranged["read_only_influxdb_cpu_s"] > 0
+    assert ranged["read_only_s"] > 0 and ranged["read_only_influxdb_cpu_s"] >= 0
     reads = figures["reads"]
     sample = reads["dataset"]
     span = max(opts.minutes, opts.long_minutes)

@@ -1,0 +1,169 @@
+"""`energy-pipeline bench`: measured figures for the minute path, side by side with references.
+
+Loads a seeded dataset at 1 Hz per device into InfluxDB and into a raw PostgreSQL table, then
+measures in one run: the pipeline per stage for single minutes, a long ranged run (peak memory in a
+child process), InfluxDB's own GROUP BY and PostgreSQL's GROUP BY over the raw table for the same
+minutes, concurrent BI reads on rollups versus the raw table while the pipeline writes, and cost per
+point at several fleet sizes. Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from energy_pipeline.bench.common import (
+    BenchOptions,
+    BenchTargets,
+    Progress,
+    index_raw,
+    load_dataset,
+    prepare_postgres,
+    wait_for_quiet_influx,
+)
+from energy_pipeline.bench.live import measure_live
+from energy_pipeline.bench.pipeline import measure_minutes, measure_ranged, measure_scaling
+from energy_pipeline.bench.reads import READ_QUERIES, measure_reads
+from energy_pipeline.simulator import build_fleet
+from energy_pipeline.storage import connect
+
+__all__ = ["READ_QUERIES", "BenchOptions", "BenchTargets", "format_table", "run_bench"]
+
+
+def run_bench(
+    targets: BenchTargets,
+    opts: BenchOptions,
+    say: Progress,
+    live_minutes: float = 0,
+    live_dsns: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run every measurement; returns the figures (also what `--json` writes).
+
+    `live_dsns` (rollup database, Dagster storage database) enables the live section.
+    """
+    fleet = build_fleet(opts.devices, seed=opts.seed)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    span = max(opts.minutes, opts.long_minutes)
+    # History fills [start, start + span); fresh minutes follow it and still end in the past.
+    start = now - timedelta(minutes=span + opts.minutes + 2)
+    result: dict[str, Any] = {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat()}
+    with connect(targets.pg_dsn) as conn:
+        conn.autocommit = False
+        say(f"preparing PostgreSQL and loading {span} minutes x {opts.devices} devices at 1 Hz")
+        prepare_postgres(targets.pg_dsn, conn, fleet)
+        conn.commit()
+        result["load"] = load_dataset(targets.influx(), conn, fleet, start, span, opts.seed, say)
+        say("indexing the raw PostgreSQL table")
+        index_raw(conn)
+        conn.commit()
+        say("waiting for InfluxDB to finish compacting the new data")
+        result["influx_quiesce_s"] = wait_for_quiet_influx(targets.influx())
+        conn.autocommit = True
+        say(
+            f"measuring {opts.minutes} fresh minutes (written just before), pipeline and references"
+        )
+        fresh_start = start + timedelta(minutes=span)
+        result["one_minute"] = measure_minutes(
+            targets, conn, fresh_start, opts.minutes, fresh_fleet=fleet, seed=opts.seed
+        )
+        say(f"measuring {opts.minutes} minutes of compacted history, pipeline and references")
+        result["one_minute_history"] = measure_minutes(targets, conn, start, opts.minutes)
+        if opts.long_minutes:
+            say(f"measuring a {opts.long_minutes}-minute ranged run in a child process")
+            # Let InfluxDB compact the fresh minutes just written, so the ranged run does not pay.
+            wait_for_quiet_influx(targets.influx())
+            result["ranged"] = measure_ranged(targets, start, opts.long_minutes, opts.chunk_minutes)
+        else:
+            result["ranged"] = None
+        say(f"measuring {opts.readers} concurrent readers, {opts.read_seconds:.0f} s per table")
+        result["reads"] = measure_reads(targets, fleet, start, span, opts, say)
+        say("measuring cost per point at " + ", ".join(map(str, opts.scaling)) + " devices")
+        result["scaling"] = measure_scaling(targets, conn, start, opts, say)
+        costs = [r["us_per_point"] for r in result["scaling"]]
+        result["scaling_spread"] = max(costs) / min(costs)
+        mean_cost = statistics.fmean(costs)
+        result["scaling_max_deviation"] = max(abs(c / mean_cost - 1) for c in costs)
+    if live_minutes and live_dsns:
+        say(f"live for {live_minutes} minutes: simulator + Dagster daemon")
+        result["live"] = measure_live(targets, *live_dsns, opts, live_minutes, say)
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The figures as a plain-text table."""
+    m, rd = r["options"], r["reads"]
+    rows: list[tuple[str, str]] = [
+        ("load: points written (InfluxDB and raw PG table)", f"{r['load']['points']:,}"),
+        ("load: points/s", f"{r['load']['points_per_s']:,.0f}"),
+        ("wait for InfluxDB compactions after load (s)", f"{r['influx_quiesce_s']:.0f}"),
+    ]
+    for key, label in (("one_minute", "fresh minute"), ("one_minute_history", "history minute")):
+        o = r[key]
+        rows += [
+            (f"{label}: points", f"{o['points_per_minute']:,}"),
+            *((f"{label}: {k} (s, median)", f"{v:.3f}") for k, v in o["stages_s"].items()),
+            (f"{label}: in-asset total (s, median)", f"{o['in_asset_s']:.3f}"),
+            (f"{label}: in-asset total (s, worst)", f"{o['in_asset_max_s']:.3f}"),
+            (f"{label}: points/s", f"{o['points_per_s']:,.0f}"),
+            (f"{label}: InfluxDB GROUP BY time(1m), device_id (s)", f"{o['influx_groupby_s']:.3f}"),
+            (f"{label}:   pipeline / InfluxDB (< 1: pipeline faster)", f"{o['influx_ratio']:.2f}"),
+            (f"{label}: PostgreSQL raw-table GROUP BY (s)", f"{o['pg_raw_groupby_s']:.3f}"),
+            (f"{label}:   pipeline / PostgreSQL raw", f"{o['pg_raw_ratio']:.2f}"),
+        ]
+    if r.get("ranged"):
+        g = r["ranged"]
+        rows += [
+            (f"ranged run of {g['minutes']} minutes: total (s)", f"{g['seconds']:.2f}"),
+            ("ranged run: points/s", f"{g['points_per_s']:,.0f}"),
+            ("ranged run: peak RSS of its process (MiB)", f"{g['peak_rss_mib']:.0f}"),
+            *((f"ranged run: CPU s, {k}", f"{v:.1f}") for k, v in g["cpu_s"].items()),
+            (f"ranged run: CPU floor, all CPU s / {g['cores']} cores (s)",
+             f"{g['cpu_floor_s']:.1f}"),
+            ("same range only read from InfluxDB (s)", f"{g['read_only_s']:.2f}"),
+            ("  InfluxDB CPU s for that read", f"{g['read_only_influxdb_cpu_s']:.1f}"),
+        ]  # fmt: skip
+    ds = rd["dataset"]
+    rows += [
+        ("reads: sampled households / devices", f"{ds['households']} / {ds['devices']}"),
+        (f"reads: window (h) / of it, all {m['devices']} devices (min)",
+         f"{ds['hours']} / {ds['all_devices_minutes']}"),
+        ("reads: raw rows in window, sampled devices", f"{ds['raw_rows_in_window']:,}"),
+        ("reads: rollup rows in window, sampled devices", f"{ds['rollup_rows_in_window']:,}"),
+        ("reads: raw table bytes per row (heap + indexes)", f"{ds['raw_table_bytes_per_row']:.0f}"),
+    ]  # fmt: skip
+    for table in ("rollup", "raw"):
+        t = rd[table]
+        rows += [
+            (f"reads on {table}, {rd['readers']} readers: p50/p95/p99 (ms)",
+             f"{t['p50_ms']:.1f}/{t['p95_ms']:.1f}/{t['p99_ms']:.1f}"),
+            (f"reads on {table}: queries/s", f"{t['qps']:,.1f}"),
+        ]  # fmt: skip
+    for name, ratio in rd["p95_speedup_by_query"].items():
+        for table in ("rollup", "raw"):
+            q = rd[table]["by_query"][name]
+            rows.append(
+                (f"reads {name}: {table} p50/p95 (ms)", f"{q['p50_ms']:.1f}/{q['p95_ms']:.1f}")
+            )
+        rows.append((f"reads {name}: raw p95 / rollup p95", f"{ratio:.1f}"))
+    rows.append(("reads: raw p95 / rollup p95, all queries", f"{rd['p95_speedup']:.1f}"))
+    for name in rd["single_reader"]["rollup"]:
+        one = rd["single_reader"]
+        rows.append((f"reads {name}, 1 reader, idle: rollup / raw p50 (ms)",
+                     f"{one['rollup'][name]:.1f} / {one['raw'][name]:.1f}"))  # fmt: skip
+    rows += [
+        (f"scaling {x['devices']} devices: us/point (s/minute)",
+         f"{x['us_per_point']:.2f} ({x['in_asset_s']:.3f})")
+        for x in r["scaling"]
+    ]  # fmt: skip
+    rows.append(("scaling: max/min cost per point", f"{r['scaling_spread']:.2f}"))
+    rows.append(("scaling: largest deviation from the mean cost per point",
+                 f"{r['scaling_max_deviation']:.0%}"))  # fmt: skip
+    for k, v in (r.get("live") or {}).items():
+        if isinstance(v, int | float):
+            rows.append((f"live: {k}", f"{v:.2f}"))
+    header = f"energy-pipeline bench: {m['devices']} devices at 1 Hz, seed {m['seed']}"
+    width = max(len(label) for label, _ in rows)
+    body = [f"{label:<{width}}  {value:>16}" for label, value in rows]
+    return "\n".join([header, f"{'measure':<{width}}  {'value':>16}", *body])

@@ -1,0 +1,153 @@
+"""Live freshness: the simulator and the real Dagster daemon, with run timings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import replace as dataclasses_replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from energy_pipeline.bench.common import (
+    BenchOptions,
+    BenchTargets,
+    Progress,
+    pct,
+    prepare_postgres,
+)  # fmt: skip
+from energy_pipeline.influx import quote_ident
+from energy_pipeline.simulator import build_fleet
+from energy_pipeline.storage import connect
+
+
+def _dagster_run_timings(dagster_dsn: str, since: float) -> list[dict[str, float]]:
+    """Sensor-launched single-minute runs: seconds from minute close to request, start, success."""
+    with psycopg.connect(dagster_dsn) as conn:
+        rows = conn.execute(
+            "SELECT p.value, extract(epoch FROM r.create_timestamp AT TIME ZONE 'UTC'), "
+            "r.start_time, r.end_time FROM runs r "
+            "JOIN run_tags o ON o.run_id = r.run_id AND o.key = 'energy/origin' "
+            "AND o.value = 'minutes' "
+            "JOIN run_tags p ON p.run_id = r.run_id AND p.key = 'dagster/partition' "
+            "WHERE r.status = 'SUCCESS' AND r.start_time >= %s",
+            (since,),
+        ).fetchall()
+    out = []
+    for key, created, started, ended in rows:
+        closed = datetime.strptime(key, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC).timestamp() + 60
+        out.append({"wait_for_sensor_s": float(created) - closed,
+                    "launch_s": started - float(created), "run_s": ended - started,
+                    "close_to_success_s": ended - closed})  # fmt: skip
+    return out
+
+
+def measure_live(
+    targets: BenchTargets,
+    live_pg_dsn: str,
+    dagster_dsn: str,
+    opts: BenchOptions,
+    minutes: float,
+    say: Progress,
+) -> dict[str, Any]:
+    """Simulator writing live + the real Dagster daemon: freshness lag and per-run overhead.
+
+    Uses its own InfluxDB and PostgreSQL databases, so the loaded history is not touched. Both
+    `live_pg_dsn` and `dagster_dsn` must be dedicated to the bench: their contents are dropped.
+    """
+    import shutil
+    import sys
+
+    from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
+    from energy_pipeline.telemetry_writer import SimulationOptions, run_live
+
+    live_db = f"{targets.influx_database}_live"
+    influx = targets.influx(live_db)
+    # A clean slate: points left by an earlier run, or a sensor cursor kept in Dagster's storage,
+    # would have the daemon catching up old minutes instead of following the live ones.
+    influx.query_json(f"DROP DATABASE {quote_ident(live_db)}")
+    influx.create_database()
+    with psycopg.connect(dagster_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    settings = Settings.from_env({"INFLUXDB_DATABASE": live_db, "ENERGY_PG_DSN": live_pg_dsn})
+    settings = dataclasses_replace(settings, influx_url=targets.influx_url)
+    with connect(live_pg_dsn) as conn:
+        prepare_postgres(live_pg_dsn, conn, build_fleet(opts.devices, seed=opts.seed))
+    home = Path(tempfile.mkdtemp(prefix="bench-dagster-"))
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_URL": dagster_storage_url(dagster_dsn),
+        "INFLUXDB_URL": targets.influx_url,
+        "INFLUXDB_DATABASE": live_db,
+        "ENERGY_PG_DSN": live_pg_dsn,
+    }
+    stop = threading.Event()
+    writer = threading.Thread(
+        target=run_live,
+        args=(influx, settings, SimulationOptions(opts.devices, opts.seed, register=False)),
+        kwargs={"stop": stop},
+    )
+    began = time.time()
+    writer.start()
+    log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lags: list[float] = []
+    full = opts.devices * 60 * 0.99
+    try:
+        warmup = began + 120  # the first minute is partial; the first run imports everything
+        while time.time() < began + minutes * 60:
+            time.sleep(5)
+            with psycopg.connect(live_pg_dsn) as conn:
+                row = conn.execute(
+                    "SELECT max(bucket) FROM energy.rollup_minutes WHERE points_read >= %s",
+                    (full,),
+                ).fetchone()
+            newest = row[0] if row else None
+            if newest is not None and time.time() >= warmup:
+                lags.append(time.time() - (newest.timestamp() + 60))
+            elapsed = (time.time() - began) / 60
+            if int(elapsed * 12) % 12 == 0:
+                say(f"  live {elapsed:.1f}/{minutes} min, freshness lag now "
+                    f"{lags[-1] if lags else float('nan'):.1f} s")  # fmt: skip
+    finally:
+        stop.set()
+        daemon.send_signal(2)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        log.close()
+        writer.join(timeout=30)
+    runs = _dagster_run_timings(dagster_dsn, began + 120)
+
+    def stat(key: str, q: float) -> float:
+        return pct([r[key] for r in runs], q)
+
+    return {
+        "minutes": minutes,
+        "freshness_samples": len(lags),
+        "freshness_lag_p50_s": pct(lags, 0.5),
+        "freshness_lag_p95_s": pct(lags, 0.95),
+        "freshness_lag_max_s": max(lags) if lags else float("nan"),
+        "sensor_runs": len(runs),
+        "close_to_success_p50_s": stat("close_to_success_s", 0.5),
+        "close_to_success_p95_s": stat("close_to_success_s", 0.95),
+        # Had every minute been rolled up as fast as the fastest run, "now - end of the newest
+        # complete minute" would still climb for 60 s before the next one lands: its p95 can be no
+        # lower than this.
+        "freshness_lag_p95_floor_s": stat("close_to_success_s", 0.0) + 0.95 * 60,
+        "wait_for_sensor_p50_s": stat("wait_for_sensor_s", 0.5),
+        "launch_p50_s": stat("launch_s", 0.5),
+        "run_p50_s": stat("run_s", 0.5),
+    }

@@ -1,0 +1,275 @@
+"""BI-style readers (pgbench) on the rollups and on the raw table, over a 24-hour sample."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import psycopg
+from psycopg import sql
+
+from energy_pipeline.bench.common import (
+    MEASUREMENT,
+    RAW_TABLE,
+    BenchOptions,
+    BenchTargets,
+    Progress,
+    copy_raw,
+    pct,
+)  # fmt: skip
+from energy_pipeline.influx import to_ns
+from energy_pipeline.ingest import chunk_windows, process_window
+from energy_pipeline.rollups import roll_up_minutes
+from energy_pipeline.services import LocalPostgres
+from energy_pipeline.simulator import generate_points
+from energy_pipeline.storage import connect, replace_minutes
+
+READ_QUERIES = {
+    "household_5m_24h": (
+        "SELECT date_bin('5 minutes', bucket, TIMESTAMPTZ '2000-01-01') AS b, sum(energy_wh_sum), "
+        "max(power_w_max) FROM energy.device_rollup_1m WHERE household_id = %(h)s "
+        "AND bucket >= %(s)s AND bucket < %(e)s GROUP BY 1 ORDER BY 1",
+        f"SELECT date_bin('5 minutes', time, TIMESTAMPTZ '2000-01-01') AS b, sum(energy_wh), "
+        f"max(power_w) FROM {RAW_TABLE} WHERE household_id = %(h)s "
+        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY 1",
+    ),
+    "device_1m_24h": (
+        "SELECT bucket, power_w_avg, energy_wh_sum FROM energy.device_rollup_1m "
+        "WHERE device_id = %(d)s AND bucket >= %(s)s AND bucket < %(e)s ORDER BY bucket",
+        f"SELECT date_trunc('minute', time) AS b, avg(power_w), sum(energy_wh) FROM {RAW_TABLE} "
+        "WHERE device_id = %(d)s AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY 1",
+    ),
+    "top5_devices_24h": (
+        "SELECT device_id, sum(energy_wh_sum) AS e FROM energy.device_rollup_1m "
+        "WHERE household_id = %(h)s AND bucket >= %(s)s AND bucket < %(e)s "
+        "GROUP BY 1 ORDER BY e DESC LIMIT 5",
+        f"SELECT device_id, sum(energy_wh) AS e FROM {RAW_TABLE} WHERE household_id = %(h)s "
+        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY e DESC LIMIT 5",
+    ),
+}
+
+
+def sample_households(fleet: pl.DataFrame, households: int, seed: int) -> pl.DataFrame:
+    """The fleet rows of `households` households drawn with `seed` (all of them if fewer)."""
+    every = fleet["household_id"].unique().sort().to_list()
+    chosen = random.Random(seed).sample(every, min(households, len(every)))
+    return fleet.filter(pl.col("household_id").is_in(chosen))
+
+
+def load_read_history(
+    conn: psycopg.Connection,
+    sample: pl.DataFrame,
+    start: datetime,
+    end: datetime,
+    seed: int,
+    say: Progress,
+) -> dict[str, float]:
+    """Load [start, end) of the sampled devices into the raw table and, rolled up, the rollups.
+
+    The rollups come from the pipeline's own roll-up; an hour at a time, so memory stays bounded.
+    """
+    t0 = time.perf_counter()
+    devices = sample.select("device_id", "household_id")
+    windows = chunk_windows(start, end, 60)
+    points_total = 0
+    for i, (s, e) in enumerate(windows):
+        points = generate_points(sample, to_ns(s), int((e - s).total_seconds()), seed=seed)
+        copy_raw(conn, points)
+        batch = roll_up_minutes(points, s, e, devices)
+        replace_minutes(
+            conn, s, e, batch.rollups, batch.quarantine, batch.ledger, computed_at=datetime.now(UTC)
+        )
+        points_total += points.height
+        if (i + 1) % 4 == 0 or i + 1 == len(windows):
+            say(f"  read history: {i + 1}/{len(windows)} hours ({points_total:,} points)")
+    # The planner must see the new rows; the raw table's indexes already cover them.
+    conn.execute(f"ANALYZE {RAW_TABLE}")
+    conn.execute("ANALYZE energy.device_rollup_1m")
+    return {"points": points_total, "seconds": time.perf_counter() - t0}
+
+
+def _read_dataset(
+    conn: psycopg.Connection, sample: pl.DataFrame, start: datetime, end: datetime
+) -> dict[str, float]:
+    """Rows the readers' queries can reach: the sampled devices' rows in [start, end)."""
+    devices = sample["device_id"].to_list()
+    counts = {}
+    for key, table, column in (("raw", RAW_TABLE, "time"),
+                               ("rollup", "energy.device_rollup_1m", "bucket")):  # fmt: skip
+        row = conn.execute(
+            f"SELECT count(*) FROM {table} WHERE device_id = ANY(%s) "
+            f"AND {column} >= %s AND {column} < %s",
+            (devices, start, end),
+        ).fetchone()
+        counts[key] = row[0] if row else 0
+    size = conn.execute(
+        "SELECT pg_total_relation_size(oid), reltuples FROM pg_class WHERE oid = %s::regclass",
+        (RAW_TABLE,),
+    ).fetchone()
+    return {
+        "raw_rows_in_window": counts["raw"],
+        "rollup_rows_in_window": counts["rollup"],
+        # Heap plus indexes per row, from the planner's row estimate after ANALYZE.
+        "raw_table_bytes_per_row": size[0] / size[1] if size and size[1] > 0 else float("nan"),
+    }
+
+
+def _pgbench_script(
+    conn: psycopg.Connection, query: str, sample: pl.DataFrame, window: tuple[datetime, datetime]
+) -> str:
+    """A pgbench script running `query` for a random sampled household or device each time."""
+    households = sample["household_id"].unique().sort().to_list()
+    devices = sample["device_id"].to_list()
+
+    # pgbench scripts take no bound parameters but its own random variables, so the sample goes
+    # into the SQL text, each value quoted by psycopg.
+    def pick(values: list[Any], var: str) -> str:
+        items = ", ".join(sql.Literal(v).as_string(conn) for v in values)
+        return f"(ARRAY[{items}])[:{var}]"
+
+    params = {
+        "h": pick(households, "h"),
+        "d": pick(devices, "d"),
+        "s": sql.Literal(window[0]).as_string(conn),
+        "e": sql.Literal(window[1]).as_string(conn),
+    }
+    return (
+        f"\\set h random(1, {len(households)})\n\\set d random(1, {len(devices)})\n"
+        f"{query % params};\n"
+    )
+
+
+def _readers(
+    dsn: str,
+    which: int,
+    sample: pl.DataFrame,
+    window: tuple[datetime, datetime],
+    readers: int,
+    seconds: float,
+    seed: int,
+) -> dict[str, Any]:
+    """`readers` concurrent pgbench clients for `seconds`, each query type equally likely.
+
+    pgbench (C, in its own process) is the load: Python threads sharing one interpreter lock
+    queued behind each other and halved the queries/s PostgreSQL could serve, which is a limit
+    of the client, not of the tables. Latencies come from pgbench's per-query log.
+    """
+    pgbench = str(LocalPostgres.bin_dir() / "pgbench")
+    names = list(READ_QUERIES)
+    with tempfile.TemporaryDirectory(prefix="bench-readers-") as tmp, psycopg.connect(dsn) as conn:
+        args = [pgbench, "--no-vacuum", "--client", str(readers),
+                "--jobs", str(min(readers, os.cpu_count() or 1)), "--time", str(round(seconds)),
+                "--protocol", "prepared", "--random-seed", str(seed),
+                "--log", "--log-prefix", f"{tmp}/latency"]  # fmt: skip
+        for k, name in enumerate(names):
+            script = Path(tmp) / f"{k}.sql"
+            script.write_text(_pgbench_script(conn, READ_QUERIES[name][which], sample, window))
+            args += ["--file", str(script)]
+        done = subprocess.run([*args, dsn], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-500:]}")
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        for log in Path(tmp).glob("latency.*"):
+            # client, transaction, latency (us), script, epoch (s), epoch (us)
+            for line in log.read_text().splitlines():
+                fields = line.split()
+                latencies[names[int(fields[3])]].append(int(fields[2]) / 1000)
+    every = [v for vs in latencies.values() for v in vs]
+    return {
+        "queries": len(every),
+        "qps": len(every) / seconds,
+        "p50_ms": pct(every, 0.5),
+        "p95_ms": pct(every, 0.95),
+        "p99_ms": pct(every, 0.99),
+        "by_query": {
+            k: {"queries": len(v), "p50_ms": pct(v, 0.5), "p95_ms": pct(v, 0.95)}
+            for k, v in latencies.items()
+        },
+    }
+
+
+def measure_reads(
+    targets: BenchTargets,
+    fleet: pl.DataFrame,
+    start: datetime,
+    span: int,
+    opts: BenchOptions,
+    say: Progress,
+) -> dict[str, Any]:
+    """Concurrent BI-style readers on rollups, then on the raw table, while the pipeline writes.
+
+    The readers ask about a seeded sample of households over the `opts.read_hours` ending where
+    the bench history ([start, start + span), all devices) ends. The sampled devices first get
+    the rest of that window, in both tables, so every query covers the whole window; the other
+    devices keep only the history.
+    """
+    end = start + timedelta(minutes=span)
+    window = (end - timedelta(hours=opts.read_hours), end)
+    sample = sample_households(fleet, opts.read_households, opts.seed)
+    with connect(targets.pg_dsn) as conn:
+        households = sample["household_id"].n_unique()
+        say(f"  loading {opts.read_hours} h for {households} sampled households "
+            f"({sample.height} devices) into both tables")  # fmt: skip
+        loaded = load_read_history(conn, sample, window[0], min(window[1], start), opts.seed, say)
+        dataset = {
+            "households": households,
+            "devices": sample.height,
+            "hours": opts.read_hours,
+            "window_start": window[0].isoformat(),
+            "window_end": window[1].isoformat(),
+            "all_devices_minutes": span,
+            "points_loaded": loaded["points"],
+            "load_s": loaded["seconds"],
+            **_read_dataset(conn, sample, *window),
+            "coverage": f"both tables hold the whole {opts.read_hours} h window only for the "
+            f"{sample.height} sampled devices; the other devices have its last {span} minutes",
+        }
+    stop = threading.Event()
+    rewrites = {"windows": 0}
+
+    def writer() -> None:
+        with connect(targets.pg_dsn) as conn:
+            i = 0
+            while not stop.is_set():
+                s = start + timedelta(minutes=i % span)
+                process_window(targets.influx(), conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
+                rewrites["windows"] += 1
+                i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        args = (sample, window, opts.readers, opts.read_seconds, opts.seed)
+        rollup = _readers(targets.pg_dsn, 0, *args)
+        raw = _readers(targets.pg_dsn, 1, *args)
+    finally:
+        stop.set()
+        thread.join()
+    # One reader on an idle machine: what a query costs without waiting behind 31 others.
+    alone = (sample, window, 1, min(opts.read_seconds, 15.0), opts.seed)
+    single = {"rollup": _readers(targets.pg_dsn, 0, *alone),
+              "raw": _readers(targets.pg_dsn, 1, *alone)}  # fmt: skip
+    return {
+        "readers": opts.readers,
+        "seconds_each": opts.read_seconds,
+        "dataset": dataset,
+        "minutes_rewritten_meanwhile": rewrites["windows"],
+        "rollup": rollup,
+        "raw": raw,
+        "p95_speedup": raw["p95_ms"] / rollup["p95_ms"],
+        "p95_speedup_by_query": {
+            k: raw["by_query"][k]["p95_ms"] / rollup["by_query"][k]["p95_ms"] for k in READ_QUERIES
+        },
+        "single_reader": {
+            table: {k: v["p50_ms"] for k, v in single[table]["by_query"].items()}
+            for table in single
+        },
+    }
