@@ -1,0 +1,92 @@
+"""roll_up_minutes as a pure function: its result must not depend on the order points arrive in.
+
+Reads `GROUP BY device_id` hand points over device by device, and series slices are concatenated;
+nothing downstream may rely on either order.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from energy_pipeline.rollups import roll_up_minutes
+
+START = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+NS = 1_000_000_000
+
+
+def _points() -> pl.DataFrame:
+    t0 = int(START.timestamp()) * NS
+    rows = [
+        # dev-1 reported under two households at the same second: one duplicate, hh-a kept.
+        (t0, "5.0", "1.0", "dev-1", "hh-b"),
+        (t0, "7.0", "2.0", "dev-1", "hh-a"),
+        (t0 + NS, "9.0", "1.5", "dev-1", "hh-a"),
+        # dev-2 moves household within the minute: the minute takes its earliest point's.
+        (t0 + 2 * NS, "3.0", "0.5", "dev-2", "hh-c"),
+        (t0 + 5 * NS, "4.0", "0.5", "dev-2", "hh-d"),
+        # Bad values and an unknown device go to quarantine.
+        (t0 + 3 * NS, "abc", "0.5", "dev-2", "hh-c"),
+        (t0 + 4 * NS, "-1.0", "0.5", "dev-1", "hh-a"),
+        (t0 + 6 * NS, "1.0", "0.1", "dev-x", "hh-x"),
+        (t0 + 7 * NS, "2.0", None, "dev-2", "hh-c"),
+        # The next minute.
+        (t0 + 61 * NS, "6.0", "0.2", "dev-1", "hh-a"),
+    ]
+    return pl.DataFrame(
+        rows,
+        schema={
+            "time": pl.Int64,
+            "power_w": pl.String,
+            "energy_wh": pl.String,
+            "device_id": pl.String,
+            "household_id": pl.String,
+        },  # fmt: skip
+        orient="row",
+    )
+
+
+DEVICES = pl.DataFrame({"device_id": ["dev-1", "dev-2"], "household_id": ["hh-a", "hh-c"]})
+
+
+def _without_duplicate(points: pl.DataFrame) -> pl.DataFrame:
+    # With no duplicate the frame is never sorted, so arrival order reaches the roll-up.
+    return points.filter(pl.col("household_id") != "hh-b")
+
+
+@pytest.mark.parametrize("duplicates", [1, 0])
+def test_result_does_not_depend_on_point_order(duplicates):
+    points = _points() if duplicates else _without_duplicate(_points())
+    end = START + timedelta(minutes=2)
+    expected = roll_up_minutes(points, START, end, DEVICES)
+    for seed in range(5):
+        shuffled = points.sample(fraction=1.0, shuffle=True, seed=seed)
+        got = roll_up_minutes(shuffled, START, end, DEVICES)
+        assert_frame_equal(got.rollups, expected.rollups)
+        assert_frame_equal(got.quarantine, expected.quarantine)
+        assert_frame_equal(got.ledger, expected.ledger)
+        assert got.duplicates_dropped == expected.duplicates_dropped == duplicates
+
+
+def test_duplicate_keeps_smallest_household_and_minute_takes_earliest_household():
+    points = _points()
+    batch = roll_up_minutes(points.reverse(), START, START + timedelta(minutes=2), DEVICES)
+    first = batch.rollups.filter(pl.col("bucket") == START)
+    dev1 = first.filter(pl.col("device_id") == "dev-1").row(0, named=True)
+    # hh-a's 7.0 W kept at t0 (hh-b's 5.0 W dropped), 9.0 W at t0+1; -1.0 W rejected.
+    assert (dev1["household_id"], dev1["sample_count"], dev1["power_w_avg"]) == ("hh-a", 2, 8.0)
+    assert dev1["rejected_count"] == 1
+    dev2 = first.filter(pl.col("device_id") == "dev-2").row(0, named=True)
+    assert (dev2["household_id"], dev2["sample_count"], dev2["rejected_count"]) == ("hh-c", 2, 2)
+    assert set(batch.quarantine["device_id"]) == {"dev-1", "dev-2", "dev-x"}
+    assert batch.ledger["duplicates_dropped"].to_list() == [1, 0]
+
+
+def test_minute_household_is_the_earliest_points_without_duplicates():
+    points = _without_duplicate(_points()).reverse()  # hh-d's point now comes first
+    batch = roll_up_minutes(points, START, START + timedelta(minutes=2), DEVICES)
+    dev2 = batch.rollups.filter((pl.col("bucket") == START) & (pl.col("device_id") == "dev-2"))
+    assert dev2["household_id"].to_list() == ["hh-c"]
