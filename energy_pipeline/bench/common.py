@@ -18,7 +18,6 @@ from energy_pipeline.telemetry_writer import write_points
 
 MEASUREMENT = "telemetry"
 RAW_TABLE = "bench_raw_telemetry"
-SCALING_RUNS = 5  # measured minutes per fleet size (their median is reported)
 Progress = Callable[[str], None]
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -20,10 +22,12 @@ from energy_pipeline.bench.common import (
     Progress,
     pct,
     prepare_postgres,
-)  # fmt: skip
+)
+from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
 from energy_pipeline.influx import quote_ident
 from energy_pipeline.simulator import build_fleet
 from energy_pipeline.storage import connect
+from energy_pipeline.telemetry_writer import SimulationOptions, run_live
 
 
 def _dagster_run_timings(dagster_dsn: str, since: float) -> list[dict[str, float]]:
@@ -60,12 +64,6 @@ def measure_live(
     Uses its own InfluxDB and PostgreSQL databases, so the loaded history is not touched. Both
     `live_pg_dsn` and `dagster_dsn` must be dedicated to the bench: their contents are dropped.
     """
-    import shutil
-    import sys
-
-    from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
-    from energy_pipeline.telemetry_writer import SimulationOptions, run_live
-
     live_db = f"{targets.influx_database}_live"
     influx = targets.influx(live_db)
     # A clean slate: points left by an earlier run, or a sensor cursor kept in Dagster's storage,

@@ -18,19 +18,20 @@ import psycopg
 from energy_pipeline.bench.common import (
     MEASUREMENT,
     RAW_TABLE,
-    SCALING_RUNS,
     BenchOptions,
     BenchTargets,
     Progress,
     copy_raw,
     load_dataset,
     wait_for_quiet_influx,
-)  # fmt: skip
+)
 from energy_pipeline.influx import quote_ident, to_ns
 from energy_pipeline.ingest import READ_PARALLELISM, chunk_windows, process_window
 from energy_pipeline.simulator import build_fleet, generate_points
 from energy_pipeline.storage import connect, upsert_devices
 from energy_pipeline.telemetry_writer import write_points
+
+SCALING_RUNS = 5  # measured minutes per fleet size (their median is reported)
 
 
 def measure_minutes(

@@ -24,7 +24,7 @@ from energy_pipeline.bench.common import (
     Progress,
     copy_raw,
     pct,
-)  # fmt: skip
+)
 from energy_pipeline.influx import to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
 from energy_pipeline.rollups import roll_up_minutes
