@@ -43,6 +43,10 @@ def dagster_storage_url(url: str) -> str:
     return url
 
 
+# Concurrent InfluxDB queries per read, each over a disjoint slice of the series (see influx.py).
+READ_PARALLELISM = 2
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the pipeline and the local stack need to know about their surroundings."""
@@ -64,7 +68,7 @@ class Settings:
     late_full_scan_seconds: int = 900
     max_range_minutes: int = 60
     chunk_minutes: int = 5
-    read_parallelism: int = 2
+    read_parallelism: int = READ_PARALLELISM
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -92,7 +96,7 @@ class Settings:
             late_full_scan_seconds=_int(env, "ENERGY_LATE_FULL_SCAN_SECONDS", 900),
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
-            read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", 2, 1, 10),
+            read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10),
             secrets={
                 k: env[k]
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")

@@ -15,12 +15,10 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import psycopg
 
+from energy_pipeline.config import READ_PARALLELISM
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.rollups import roll_up_minutes
 from energy_pipeline.storage import registered_devices, replace_minutes
-
-# Concurrent InfluxDB queries per read, each over a disjoint slice of the series (see influx.py).
-READ_PARALLELISM = 2
 
 
 @dataclass

@@ -49,17 +49,18 @@ def run_bench(
     # History fills [start, start + span); fresh minutes follow it and still end in the past.
     start = now - timedelta(minutes=span + opts.minutes + 2)
     result: dict[str, Any] = {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat()}
+    influx = targets.influx()
     with connect(targets.pg_dsn) as conn:
         conn.autocommit = False
         say(f"preparing PostgreSQL and loading {span} minutes x {opts.devices} devices at 1 Hz")
         prepare_postgres(targets.pg_dsn, conn, fleet)
         conn.commit()
-        result["load"] = load_dataset(targets.influx(), conn, fleet, start, span, opts.seed, say)
+        result["load"] = load_dataset(influx, conn, fleet, start, span, opts.seed, say)
         say("indexing the raw PostgreSQL table")
         index_raw(conn)
         conn.commit()
         say("waiting for InfluxDB to finish compacting the new data")
-        result["influx_quiesce_s"] = wait_for_quiet_influx(targets.influx())
+        result["influx_quiesce_s"] = wait_for_quiet_influx(influx)
         conn.autocommit = True
         say(
             f"measuring {opts.minutes} fresh minutes (written just before), pipeline and references"
@@ -73,7 +74,7 @@ def run_bench(
         if opts.long_minutes:
             say(f"measuring a {opts.long_minutes}-minute ranged run in a child process")
             # Let InfluxDB compact the fresh minutes just written, so the ranged run does not pay.
-            wait_for_quiet_influx(targets.influx())
+            wait_for_quiet_influx(influx)
             result["ranged"] = measure_ranged(targets, start, opts.long_minutes, opts.chunk_minutes)
         else:
             result["ranged"] = None

@@ -25,8 +25,9 @@ from energy_pipeline.bench.common import (
     load_dataset,
     wait_for_quiet_influx,
 )
+from energy_pipeline.config import READ_PARALLELISM
 from energy_pipeline.influx import quote_ident, to_ns
-from energy_pipeline.ingest import READ_PARALLELISM, chunk_windows, process_window
+from energy_pipeline.ingest import chunk_windows, process_window
 from energy_pipeline.simulator import build_fleet, generate_points
 from energy_pipeline.storage import connect, upsert_devices
 from energy_pipeline.telemetry_writer import write_points

@@ -236,11 +236,12 @@ def measure_reads(
     rewrites = {"windows": 0}
 
     def writer() -> None:
+        influx = targets.influx()
         with connect(targets.pg_dsn) as conn:
             i = 0
             while not stop.is_set():
                 s = start + timedelta(minutes=i % span)
-                process_window(targets.influx(), conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
+                process_window(influx, conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
                 rewrites["windows"] += 1
                 i += 1
 
