@@ -6,9 +6,7 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -97,7 +95,9 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
-    """Services, simulator, Dagster webserver and daemon, until Ctrl-C."""
+    """Services, simulator, Dagster webserver and daemon, kept running until Ctrl-C or SIGTERM."""
+    from energy_pipeline.supervisor import ChildSpec, Supervisor
+
     services_up(settings)
     dagster_home = settings.data_dir / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
@@ -125,46 +125,23 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
             workspace,
         ],
     }
-    procs: dict[str, subprocess.Popen] = {}
-    for name, command in commands.items():
-        log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        procs[name] = subprocess.Popen(
-            command, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
-        print(f"started {name:<9} pid {procs[name].pid}, log {logs / (name + '.log')}")
+    supervisor = Supervisor(
+        [
+            ChildSpec(name, command, logs / f"{name}.log", env, PROJECT_ROOT)
+            for name, command in commands.items()
+        ],
+        say=lambda message: print(message, flush=True),
+    )
     print(
         f"\nDagster UI: http://127.0.0.1:{args.port}  (sensors start by themselves)\n"
         f"Rollups:    psql '{redact_dsn(settings.pg_dsn)}' -c "
         "'SELECT * FROM energy.device_rollup_1m ORDER BY bucket DESC LIMIT 10'\n"
-        "Ctrl-C stops the simulator, webserver and daemon "
-        "(servers keep running; `energy-pipeline services down` stops them)."
+        "A child that exits is restarted (with backoff); Ctrl-C stops the simulator, webserver "
+        "and daemon (servers keep running; `energy-pipeline services down` stops them).\n",
+        flush=True,
     )
-    stop = {"now": False}
-
-    def _stop(*_: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    started = time.monotonic()
-    try:
-        while not stop["now"]:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    print(f"{name} exited with code {proc.returncode}; see {logs / name}.log")
-                    stop["now"] = True
-            if args.duration and time.monotonic() - started > args.duration:
-                break
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    supervisor.run(duration_s=args.duration)
     return 0
 
 
