@@ -14,7 +14,6 @@ import io
 import json
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -24,23 +23,26 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-# The fields the minute rollup needs. Reading fewer fields is the cheapest speed-up there is:
-# InfluxDB's time to stream a minute grows with every selected column (voltage_v is not read).
-RAW_FIELDS = ("power_w", "energy_wh")
-RAW_TAGS = ("device_id", "household_id")
-
-# Fields arrive as text: one unparseable value must not fail a whole column (see rollups.py).
-RAW_SCHEMA: dict[str, pl.DataType] = {
-    "time": pl.Int64(),
-    "power_w": pl.String(),
-    "energy_wh": pl.String(),
-    "device_id": pl.String(),
-    "household_id": pl.String(),
-}
-
 
 class InfluxError(RuntimeError):
     """InfluxDB could not be reached, refused the request, or answered with an error."""
+
+
+class InfluxLimitError(InfluxError):
+    """A server limit (`max-select-point`, `query-timeout`) stopped the query: ask for less."""
+
+
+# Statement errors that say the server was busy, not that the query was wrong: asked again.
+_BUSY_ERRORS = ("max-concurrent-queries limit exceeded",)
+# Statement errors that say the query asked for too much at once.
+_LIMIT_ERRORS = ("max-select-point limit", "max-series limit", "query-timeout limit exceeded")
+
+
+def statement_error(message: str) -> InfluxError:
+    """The exception for an InfluxQL statement error, by what the caller should do about it."""
+    if any(e in message for e in _LIMIT_ERRORS):
+        return InfluxLimitError(f"InfluxDB stopped the query at a server limit: {message}")
+    return InfluxError(f"InfluxQL error: {message}")
 
 
 class _Transient(Exception):
@@ -59,50 +61,31 @@ def to_ns(ts: datetime) -> int:
     return int(ts.timestamp()) * 1_000_000_000 + ts.microsecond * 1_000
 
 
+MAX_SLICES = 10
+
+
 def series_slices(parts: int) -> list[str]:
     """InfluxQL conditions that split the series into `parts` disjoint sets covering all of them.
 
     InfluxDB streams one query's series on one core; splitting by the last character of
     `device_id` lets concurrent queries use more. The last slice is the complement of the others,
-    so ids of any shape (and points without the tag) land in exactly one slice.
+    so ids of any shape (and points without the tag) land in exactly one slice. `::tag` keeps a
+    *field* that happens to be called `device_id` from taking the tag's place.
     """
     if parts <= 1:
         return [""]
-    parts = min(parts, 10)  # one class per last digit at most
+    parts = min(parts, MAX_SLICES)  # one class per last digit at most
     digits = "0123456789"
     per = len(digits) // parts
     classes = [digits[i * per : (i + 1) * per] for i in range(parts - 1)]
     covered = "".join(classes)
     return [
-        *(f' AND "device_id" =~ /[{c}]$/' for c in classes),
-        f' AND "device_id" !~ /[{covered}]$/',
+        *(f' AND "device_id"::tag =~ /[{c}]$/' for c in classes),
+        f' AND "device_id"::tag !~ /[{covered}]$/',
     ]
 
 
-def raw_points_query(measurement: str, condition: str = "") -> str:
-    """InfluxQL for every raw point in [$start, $end), tags selected as columns.
-
-    `GROUP BY device_id` returns the points device by device instead of merged into one time
-    order across all series. InfluxDB then skips merging 5,000 series point by point: a 60-minute
-    read of compacted history took half the time here, and a fresh minute was no slower.
-    """
-    fields = ", ".join(quote_ident(c) for c in (*RAW_FIELDS, *RAW_TAGS))
-    return (
-        f"SELECT {fields} FROM {quote_ident(measurement)} "
-        f'WHERE time >= $start AND time < $end{condition} GROUP BY "device_id"'
-    )
-
-
-def minute_counts_query(measurement: str) -> str:
-    """InfluxQL counting, per minute in [$start, $end), the points that carry each main field."""
-    return (
-        f"SELECT count({quote_ident('power_w')}) AS power_w_points, "
-        f"count({quote_ident('energy_wh')}) AS energy_wh_points FROM {quote_ident(measurement)} "
-        "WHERE time >= $start AND time < $end GROUP BY time(1m)"
-    )
-
-
-def _conform(frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+def conform(frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
     """Exactly the schema's columns, in its order; absent ones (a field never written) are null."""
     return frame.with_columns(
         pl.lit(None, dtype).alias(c) for c, dtype in schema.items() if c not in frame.columns
@@ -249,13 +232,57 @@ class InfluxClient:
         return resp.headers.get("X-Influxdb-Version", "unknown")
 
     def query_json(self, q: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Run InfluxQL and return its `results` list, raising on any statement error."""
-        resp = self._request("POST", "/query", data=self._query_params(q, params))
-        results = resp.json().get("results", [])
-        for result in results:
-            if "error" in result:
-                raise InfluxError(f"InfluxQL error: {result['error']}")
-        return results
+        """Run InfluxQL and return its `results` list, raising on any statement error.
+
+        A server busy at `max-concurrent-queries` is asked again with backoff; a query stopped by
+        `max-select-point` or `query-timeout` raises `InfluxLimitError` (the caller asks for less).
+        """
+
+        @backoff.on_exception(
+            backoff.expo, _Transient, max_tries=self.retries + 1, factor=self.backoff_s,
+            logger=None,
+        )  # fmt: skip
+        def attempt() -> list[dict[str, Any]]:
+            resp = self._request("POST", "/query", data=self._query_params(q, params))
+            body = resp.json()
+            errors = [r["error"] for r in body.get("results", []) if "error" in r]
+            if "error" in body:
+                errors.append(body["error"])
+            if any(busy in e for e in errors for busy in _BUSY_ERRORS):
+                raise _Transient(f"InfluxDB at {self.url} stayed busy: {errors[0]}")
+            if errors:
+                raise statement_error(errors[0])
+            return list(body.get("results", []))
+
+        try:
+            return attempt()
+        except _Transient as exc:
+            raise InfluxError(str(exc)) from exc
+
+    def query_json_frame(
+        self, q: str, params: Mapping[str, Any] | None, schema: Mapping[str, pl.DataType]
+    ) -> pl.DataFrame:
+        """Run InfluxQL as JSON and return its rows as a frame of `schema` (tags become columns).
+
+        Slower than CSV for bulk reads, but JSON tells an empty string from a missing value and
+        reports every statement error, where a CSV answer is silent.
+        """
+        frames = []
+        for result in self.query_json(q, params):
+            for series in result.get("series", []):
+                columns = series["columns"]
+                rows = series.get("values") or []
+                data = {c: [row[i] for row in rows] for i, c in enumerate(columns) if c in schema}
+                for tag, value in (series.get("tags") or {}).items():
+                    if tag in schema and tag not in data:
+                        data[tag] = [value] * len(rows)
+                frame = pl.DataFrame(
+                    {c: pl.Series(c, v, dtype=schema[c], strict=False) for c, v in data.items()}
+                )
+                frames.append(conform(frame, schema))
+        if not frames:
+            return pl.DataFrame(schema=dict(schema))
+        return pl.concat(frames)
 
     def query_frame(
         self,
@@ -263,17 +290,23 @@ class InfluxClient:
         params: Mapping[str, Any] | None = None,
         schema: Mapping[str, pl.DataType] | None = None,
     ) -> pl.DataFrame:
-        """Run InfluxQL and parse the CSV answer straight into Polars (no per-point Python)."""
+        """Run InfluxQL and parse the CSV answer straight into Polars (no per-point Python).
+
+        Invalid UTF-8 in tag values (InfluxDB accepts it) is replaced by U+FFFD rather than
+        failing the whole answer; the contract then quarantines those points.
+        """
         body = self._post_csv(
             {**self._query_params(q, params), "chunked": "true", "chunk_size": "100000"}
         )
         if not body.strip():
             # In CSV mode InfluxDB drops statement errors (unknown database or retention policy,
-            # a failed query) and answers an empty 200. An empty answer is cheap to ask again as
-            # JSON, which reports them.
-            self.query_json(q, params)
-            return pl.DataFrame(schema=dict(schema or {}))
-        header = next(csv.reader([body[: body.find(b"\n")].decode()]))
+            # a busy server) and answers an empty 200. Ask again as JSON, which reports them, and
+            # use that answer: an empty CSV is never taken to mean "no points".
+            if schema is None:
+                self.query_json(q, params)
+                return pl.DataFrame()
+            return self.query_json_frame(q, params, schema)
+        header = next(csv.reader([body[: body.find(b"\n")].decode(errors="replace")]))
         # Parse only the wanted columns: `name` and `tags` repeat on every row and cost memory.
         wanted = [c for c in (schema or header) if c in header and c not in ("name", "tags")]
         return pl.read_csv(
@@ -281,34 +314,8 @@ class InfluxClient:
             columns=wanted,
             schema_overrides=dict(schema or {}),
             infer_schema_length=0 if schema else 100,
+            encoding="utf8-lossy",
         ).select(wanted)
-
-    def read_points(
-        self, measurement: str, start: datetime, end: datetime, parallel: int = 1
-    ) -> pl.DataFrame:
-        """Every raw point of `measurement` in [start, end) as a DataFrame of RAW_SCHEMA.
-
-        `parallel` > 1 reads disjoint slices of the series with concurrent queries.
-        """
-        params = {"start": to_ns(start), "end": to_ns(end)}
-        queries = [raw_points_query(measurement, c) for c in series_slices(parallel)]
-        if len(queries) == 1:
-            frames = [self.query_frame(queries[0], params, schema=RAW_SCHEMA)]
-        else:
-            with ThreadPoolExecutor(len(queries), thread_name_prefix="influx-slice") as pool:
-                frames = list(pool.map(lambda q: self.query_frame(q, params, RAW_SCHEMA), queries))
-        # No rechunk: the caller only filters and groups, and a copy of the window costs memory.
-        return pl.concat([_conform(f, RAW_SCHEMA) for f in frames], rechunk=False)
-
-    def minute_counts(self, measurement: str, start: datetime, end: datetime) -> pl.DataFrame:
-        """Per minute in [start, end): `minute` (ns), `power_w_points`, `energy_wh_points`."""
-        schema = {"time": pl.Int64(), "power_w_points": pl.Int64(), "energy_wh_points": pl.Int64()}
-        frame = self.query_frame(
-            minute_counts_query(measurement), {"start": to_ns(start), "end": to_ns(end)}, schema
-        )
-        if frame.is_empty():
-            frame = pl.DataFrame(schema=schema)
-        return frame.rename({"time": "minute"}).fill_null(0)
 
     def compactions_pending(self) -> int:
         """Active plus queued TSM compactions of this database (0 when the server is idle)."""

@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import polars as pl
 import psycopg
 
 from energy_pipeline.config import READ_PARALLELISM
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.rollups import roll_up_minutes
+from energy_pipeline.sources import WindowRead, read_window
 from energy_pipeline.storage import registered_devices, replace_minutes
 
 
@@ -32,6 +32,9 @@ class WindowStats:
     rejected: int = 0
     duplicates_dropped: int = 0
     chunks: int = 0
+    # Raw-point queries sent; more than chunks x slices means answers came back short and
+    # were read again in smaller pieces.
+    queries: int = 0
     seconds: dict[str, float] = field(
         default_factory=lambda: {"read": 0.0, "validate": 0.0, "roll_up": 0.0, "write": 0.0}
     )
@@ -67,22 +70,23 @@ def process_window(
     devices = registered_devices(conn)
     chunks = chunk_windows(start, end, chunk_minutes)
 
-    def read(window: tuple[datetime, datetime]) -> tuple[pl.DataFrame, float]:
+    def read(window: tuple[datetime, datetime]) -> tuple[WindowRead, float]:
         t = time.perf_counter()
-        frame = influx.read_points(measurement, *window, parallel=read_parallelism)
-        return frame, time.perf_counter() - t
+        got = read_window(influx, measurement, *window, parallel=read_parallelism)
+        return got, time.perf_counter() - t
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influx-read") as pool:
         pending = pool.submit(read, chunks[0]) if chunks else None
         for i, (c_start, c_end) in enumerate(chunks):
             assert pending is not None
             wait = time.perf_counter()
-            raw, read_s = pending.result()
+            got, read_s = pending.result()
             # Time spent blocked on the read is what the read costs this run (the rest overlapped).
             stats.add("read", time.perf_counter() - wait if i else read_s)
             pending = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
-            batch = roll_up_minutes(raw, c_start, c_end, devices)
-            del raw
+            batch = roll_up_minutes(got.points, c_start, c_end, devices, got.checksums)
+            stats.queries += got.queries
+            del got
             for stage, s in batch.seconds.items():
                 stats.add(stage, s)
             t = time.perf_counter()

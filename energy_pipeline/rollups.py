@@ -13,11 +13,16 @@ import pandera.polars as pa
 import polars as pl
 
 from energy_pipeline.schemas import DEVICE_ROLLUP_1M, raw_point_schema
+from energy_pipeline.sources import CHECKSUM_COLUMNS, FIELDS, TAGS
 
-FIELDS = ("power_w", "energy_wh", "voltage_v")
 BUCKET_DTYPE = pl.Datetime("us", "UTC")
 # Friendlier words for pandera's check names in quarantine reasons.
 _REASON_WORDS = {"not_nullable": "missing", "known_device": "unknown device"}
+# Of several reasons for one column, only the most specific is kept: a value stored as text is
+# "not a number", not also "missing" and "out of range".
+_SPECIFIC, _CONTRACT = 0, 1
+# Longest raw value quoted in a reason.
+_QUOTE_CHARS = 40
 
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
     "bucket": BUCKET_DTYPE,
@@ -39,15 +44,18 @@ ROLLUP_COLUMNS = (
     "power_w_max",
     "energy_wh_sum",
     "rejected_count",
+    "voltage_v_avg",
+    "voltage_v_min",
+    "voltage_v_max",
 )
+# Counts of what the run saw, then InfluxDB's checksums of the minute (see sources.py).
 LEDGER_COLUMNS = (
     "bucket",
     "points_read",
-    "power_w_points",
-    "energy_wh_points",
     "duplicates_dropped",
     "rejected",
     "devices",
+    *CHECKSUM_COLUMNS,
 )
 
 
@@ -85,29 +93,74 @@ def _bucket(col: str = "time") -> pl.Expr:
     )
 
 
-def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Cast text fields to floats; return the parsed frame and (index, column, reason) failures.
+def _quoted(value: pl.Expr) -> pl.Expr:
+    """A raw value for a reason: quoted, cut short, NUL shown as \\x00."""
+    text = value.cast(pl.String).str.replace_all("\x00", "\\x00", literal=True)
+    return pl.concat_str(pl.lit("'"), text.str.slice(0, _QUOTE_CHARS), pl.lit("'"))
 
-    One unparseable value must not fail the whole column, so casting is lenient and every value
-    that did not survive it is reported instead.
-    """
-    present = [f for f in FIELDS if f in raw.columns]
-    parsed = raw.with_columns(pl.col(f).cast(pl.Float64, strict=False) for f in present)
-    # Fields not read (voltage_v is optional) are carried as nulls so every frame looks alike.
-    parsed = parsed.with_columns(
-        pl.lit(None, pl.Float64).alias(f) for f in FIELDS if f not in present
-    )
-    failures = [
-        parsed.select(
+
+def _failures(frame: pl.DataFrame, bad: pl.Expr, column: str, reason: pl.Expr) -> pl.DataFrame:
+    return (
+        frame.select(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("index"),
-            pl.lit(f).alias("column"),
-            pl.lit(f"{f}: not a number").alias("reason"),
-            (raw[f].is_not_null() & parsed[f].is_null()).alias("bad"),
+            pl.lit(column).alias("column"),
+            reason.alias("reason"),
+            pl.lit(_SPECIFIC).alias("priority"),
+            bad.fill_null(False).alias("bad"),
         )
         .filter("bad")
         .drop("bad")
-        for f in present
-    ]
+    )
+
+
+def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Main fields as floats; return the parsed frame and (index, column, reason) failures.
+
+    Besides the contract's checks, a point fails when a field holds text, a boolean or a
+    non-finite number (in a typed column of its own, see sources.py, or as unparseable text), a
+    field is named like a tag, or a tag holds NUL or invalid UTF-8 (read as U+FFFD). One bad value
+    must not fail the whole column, so casting is lenient and every failure is reported instead.
+    """
+    parsed = raw.with_columns(
+        pl.col(f).cast(pl.Float64, strict=False)
+        if f in raw.columns
+        else pl.lit(None, pl.Float64).alias(f)
+        for f in FIELDS
+    )
+    failures = []
+    for f in FIELDS:
+        if f in raw.columns and raw.schema[f] == pl.String:
+            unparsed = pl.col(f).is_not_null() & pl.col(f).cast(pl.Float64, strict=False).is_null()
+            reason = pl.concat_str(pl.lit(f"{f}: not a number ("), _quoted(pl.col(f)), pl.lit(")"))
+            failures.append(_failures(raw, unparsed, f, reason))
+        failures.append(
+            _failures(parsed, pl.col(f).is_infinite() | pl.col(f).is_nan(), f,
+                      pl.lit(f"{f}: not a finite number"))
+        )  # fmt: skip
+        for kind in ("string", "boolean"):
+            typed = f"{f}__{kind}"
+            if typed in raw.columns:
+                reason = pl.concat_str(
+                    pl.lit(f"{f}: not a number ({kind} "), _quoted(pl.col(typed)), pl.lit(")")
+                )
+                failures.append(_failures(raw, pl.col(typed).is_not_null(), f, reason))
+    for tag in TAGS:
+        as_field = [c for c in raw.columns if c.startswith(f"{tag}__")]
+        if as_field:
+            present = pl.any_horizontal(pl.col(c).is_not_null() for c in as_field)
+            failures.append(_failures(raw, present, tag, pl.lit(f"{tag}: also written as a field")))
+        if tag in raw.columns:
+            value = pl.col(tag)
+            failures += [
+                _failures(raw, value.str.contains("\x00", literal=True), tag,
+                          pl.lit(f"{tag}: contains NUL")),
+                _failures(raw, value.str.contains("\ufffd", literal=True), tag,
+                          pl.lit(f"{tag}: invalid UTF-8")),
+            ]  # fmt: skip
+    # NaN and infinities are failures already; as nulls they also keep the roll-up's sums finite.
+    parsed = parsed.with_columns(
+        pl.when(pl.col(f).is_finite()).then(pl.col(f)).otherwise(None).alias(f) for f in FIELDS
+    )
     return parsed, pl.concat(failures)
 
 
@@ -118,7 +171,14 @@ def validation_failures(points: pl.DataFrame, known_devices: pl.Series | None) -
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases
     else:
-        return pl.DataFrame(schema={"index": pl.Int64, "column": pl.String, "reason": pl.String})
+        return pl.DataFrame(
+            schema={
+                "index": pl.Int64,
+                "column": pl.String,
+                "reason": pl.String,
+                "priority": pl.Int32,
+            }
+        )
     if cases["index"].null_count():
         # A failure without a row (missing column, wrong dtype) breaks the contract: not bad data.
         raise ValueError(f"raw points do not match the contract: {cases.to_dicts()[:5]}")
@@ -128,6 +188,17 @@ def validation_failures(points: pl.DataFrame, known_devices: pl.Series | None) -
         pl.col("index").cast(pl.Int64),
         pl.col("column"),
         pl.concat_str(pl.col("column"), pl.lit(": "), word).alias("reason"),
+        pl.lit(_CONTRACT).alias("priority"),
+    )
+
+
+def point_reasons(parse_failures: pl.DataFrame, contract: pl.DataFrame) -> pl.DataFrame:
+    """One reason text per failed point: per column only its most specific reasons."""
+    failures = pl.concat([parse_failures, contract], how="vertical_relaxed")
+    return (
+        failures.filter(pl.col("priority") == pl.col("priority").min().over("index", "column"))
+        .group_by("index")
+        .agg(pl.col("reason").unique().sort().str.join("; "))
     )
 
 
@@ -136,14 +207,18 @@ def roll_up_minutes(
     start: datetime,
     end: datetime,
     devices: pl.DataFrame | None = None,
+    checksums: pl.DataFrame | None = None,
 ) -> MinuteBatch:
     """Dedupe, validate and roll up the raw points of [start, end) per device and minute.
 
     Args:
-        raw: points as read from InfluxDB (`time` in ns; fields as text or floats).
+        raw: points as read from InfluxDB (`time` in ns; fields as floats or text, plus the
+            typed columns of sources.py when a field also holds other types).
         start, end: the minute-aligned UTC window the points were read for.
         devices: registered devices (`device_id`, `household_id`); points of other devices are
             quarantined as unknown. None skips that check.
+        checksums: InfluxDB's per-minute checksums of the window, kept in the ledger; None
+            computes them from `raw` (for points that never were in InfluxDB).
     """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -152,14 +227,7 @@ def roll_up_minutes(
 
     parsed, parse_failures = parse_fields(deduped)
     known = devices["device_id"] if devices is not None else None
-    failures = validation_failures(parsed, known)
-    # A value that was unparseable is reported as such, not also as missing.
-    failures = failures.join(parse_failures, on=["index", "column"], how="anti")
-    reasons = (
-        pl.concat([parse_failures, failures])
-        .group_by("index")
-        .agg(pl.col("reason").unique().sort().str.join("; "))
-    )
+    reasons = point_reasons(parse_failures, validation_failures(parsed, known))
     if reasons.is_empty():  # the usual case: no need to split the frame
         valid = parsed
         rejected = parsed.clear().with_columns(pl.lit(None, pl.String).alias("reason"))
@@ -173,9 +241,14 @@ def roll_up_minutes(
     rollups = _roll_up(valid, rejected, devices)
     DEVICE_ROLLUP_1M.validate(rollups)
     quarantine = rejected.with_columns(
-        _bucket().alias("bucket"), pl.col("time").alias("point_time_ns")
+        _bucket().alias("bucket"),
+        pl.col("time").alias("point_time_ns"),
+        # PostgreSQL text cannot hold NUL: keep the tag readable instead.
+        *(pl.col(t).str.replace_all("\x00", "\\x00", literal=True) for t in TAGS),
     ).select(list(QUARANTINE_SCHEMA))
-    ledger = _ledger(raw, duplicates, rejected, rollups, start, end)
+    if checksums is None:
+        checksums = client_checksums(raw)
+    ledger = _ledger(raw, duplicates, rejected, rollups, checksums, start, end)
     seconds["roll_up"] = time.perf_counter() - t1
     return MinuteBatch(
         rollups=rollups,
@@ -218,14 +291,30 @@ def _roll_up(
             pl.col("power_w").min().alias("power_w_min"),
             pl.col("power_w").max().alias("power_w_max"),
             pl.col("energy_wh").sum().alias("energy_wh_sum"),
+            pl.col("voltage_v").mean().alias("voltage_v_avg"),
+            pl.col("voltage_v").min().alias("voltage_v_min"),
+            pl.col("voltage_v").max().alias("voltage_v_max"),
         )
     )
     # Rejected points of a known device count against that device's minute, even when every
     # point of the minute was rejected (then the row has sample_count 0 and no power stats).
+    # A poisoned tag is never a known device, and never a household to store.
+    poisoned = pl.col("device_id").str.contains("[\x00\ufffd]")
+    known = (
+        pl.col("device_id").is_in(devices["device_id"].implode())
+        if devices is not None
+        else pl.lit(True)
+    )
     counted = rejected.filter(
         pl.col("device_id").is_not_null()
         & (pl.col("device_id").str.len_chars() > 0)
-        & ~pl.col("reason").str.contains("device_id: unknown device", literal=True)
+        & ~poisoned
+        & known
+    ).with_columns(
+        pl.when(pl.col("household_id").str.contains("[\x00\ufffd]"))
+        .then(None)
+        .otherwise(pl.col("household_id"))
+        .alias("household_id")
     )
     rej = (
         counted.with_columns(_bucket().alias("bucket"))
@@ -261,34 +350,55 @@ def _roll_up(
     )
 
 
+def client_checksums(raw: pl.DataFrame) -> pl.DataFrame:
+    """Per-minute count and sum of each main field, computed here from the points themselves."""
+    values = raw.select(
+        _bucket().alias("bucket"),
+        *(
+            pl.col(f).cast(pl.Float64, strict=False) if f in raw.columns
+            else pl.lit(None, pl.Float64).alias(f)
+            for f in FIELDS
+        ),
+    )  # fmt: skip
+    return values.group_by("bucket").agg(
+        agg
+        for f in FIELDS
+        for agg in (
+            pl.col(f).is_not_null().sum().cast(pl.Int64).alias(f"{f}_points"),
+            pl.col(f).sum().alias(f"{f}_sum"),
+        )
+    )
+
+
 def _ledger(
     raw: pl.DataFrame,
     duplicates: pl.DataFrame,
     rejected: pl.DataFrame,
     rollups: pl.DataFrame,
+    checksums: pl.DataFrame,
     start: datetime,
     end: datetime,
 ) -> pl.DataFrame:
-    """Per-minute counts for every minute of the window, zero where nothing arrived."""
+    """Per-minute counts and checksums for every minute of the window, zero where nothing was."""
 
     def per_minute(frame: pl.DataFrame, *aggs: pl.Expr) -> pl.DataFrame:
         return frame.with_columns(_bucket().alias("bucket")).group_by("bucket").agg(*aggs)
 
     counts = [
-        per_minute(
-            raw,
-            pl.len().alias("points_read"),
-            pl.col("power_w").is_not_null().sum().alias("power_w_points"),
-            pl.col("energy_wh").is_not_null().sum().alias("energy_wh_points"),
-        ),
+        per_minute(raw, pl.len().alias("points_read")),
         per_minute(duplicates, pl.len().alias("duplicates_dropped")),
         per_minute(rejected, pl.len().alias("rejected")),
         rollups.group_by("bucket").agg(pl.len().alias("devices")),
+        checksums.select("bucket", *CHECKSUM_COLUMNS),
     ]
     ledger = minute_buckets(start, end)
     for frame in counts:
         ledger = ledger.join(frame, on="bucket", how="left")
     return ledger.select(
         pl.col("bucket"),
-        *(pl.col(c).fill_null(0).cast(pl.Int64) for c in LEDGER_COLUMNS[1:]),
-    ).sort("bucket")
+        *(
+            pl.col(c).fill_null(0.0) if c.endswith("_sum")
+            else pl.col(c).fill_null(0).cast(pl.Int64)
+            for c in LEDGER_COLUMNS[1:]
+        ),
+    ).sort("bucket")  # fmt: skip

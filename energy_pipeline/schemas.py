@@ -84,6 +84,10 @@ DEVICE_ROLLUP_1M = pa.DataFrameSchema(
         "power_w_max": pa.Column(pl.Float64, nullable=True, checks=pa.Check.le(MAX_POWER_W)),
         "energy_wh_sum": pa.Column(pl.Float64, nullable=False, checks=pa.Check.ge(0.0)),
         "rejected_count": pa.Column(pl.UInt32, nullable=False),
+        **{
+            c: pa.Column(pl.Float64, nullable=True, checks=pa.Check.in_range(0.0, MAX_VOLTAGE_V))
+            for c in ("voltage_v_avg", "voltage_v_min", "voltage_v_max")
+        },
     },
     checks=[
         pa.Check(_avg_within_min_max, name="avg_within_min_max"),

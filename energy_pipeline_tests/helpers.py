@@ -71,14 +71,14 @@ def fetch_quarantine(dsn: str) -> list[tuple]:
 
 
 def _valid(p: dict, known: set[str]) -> bool:
-    # voltage_v is not read by the minute rollup, so it cannot reject a point there.
-    power, energy = p.get("power_w"), p.get("energy_wh")
+    power, energy, voltage = p.get("power_w"), p.get("energy_wh"), p.get("voltage_v")
     return (
         p["device_id"] in known
         and power is not None
         and 0 <= power <= 50_000
         and energy is not None
         and 0 <= energy <= 5_000
+        and (voltage is None or 0 <= voltage <= 500)
     )
 
 

@@ -10,9 +10,14 @@ import pytest
 from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident, to_ns
 from energy_pipeline.lineprotocol import encode_points
 from energy_pipeline.services import LocalInflux, free_port
+from energy_pipeline.sources import read_window
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NS = to_ns(T0)
+
+
+def _points(client: InfluxClient, *args, **kwargs) -> pl.DataFrame:
+    return read_window(client, *args, **kwargs).points
 
 
 def test_read_points_round_trips_hostile_tags_and_missing_fields(influx_db: InfluxClient):
@@ -23,22 +28,23 @@ def test_read_points_round_trips_hostile_tags_and_missing_fields(influx_db: Infl
             f"telemetry,device_id=z,household_id=h2 power_w=9.0 {NS + 60 * 10**9}",  # next minute
         ]
     )
-    frame = influx_db.read_points("telemetry", T0, T0.replace(minute=1))
+    frame = _points(influx_db, "telemetry", T0, T0.replace(minute=1))
     assert frame.columns == [
         "time",
-        "power_w",
-        "energy_wh",
         "device_id",
         "household_id",
+        "power_w",
+        "energy_wh",
+        "voltage_v",
     ]
     assert frame.sort("time").rows() == [
-        (NS, "1.5", "0.25", "a b,c=d", 'h"1'),
-        (NS + 10**9, "2", None, "caf\u00e9;'x'", "h2"),
+        (NS, "a b,c=d", 'h"1', 1.5, 0.25, None),
+        (NS + 10**9, "caf\u00e9;'x'", "h2", 2.0, None, None),
     ]
 
 
 def test_empty_window_gives_an_empty_frame_with_the_schema(influx_db: InfluxClient):
-    frame = influx_db.read_points("telemetry", T0, T0.replace(minute=1))
+    frame = _points(influx_db, "telemetry", T0, T0.replace(minute=1))
     assert frame.height == 0
     assert frame.schema["time"] == pl.Int64
 
@@ -46,15 +52,15 @@ def test_empty_window_gives_an_empty_frame_with_the_schema(influx_db: InfluxClie
 def test_measurement_names_are_quoted_not_pasted(influx_db: InfluxClient):
     influx_db.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
     evil = 'telemetry" WHERE 1=1; DROP MEASUREMENT "telemetry'
-    assert influx_db.read_points(evil, T0, T0.replace(minute=1)).height == 0
-    assert influx_db.read_points("telemetry", T0, T0.replace(minute=1)).height == 1
+    assert _points(influx_db, evil, T0, T0.replace(minute=1)).height == 0
+    assert _points(influx_db, "telemetry", T0, T0.replace(minute=1)).height == 1
     assert quote_ident('a"b\\') == '"a\\"b\\\\"'
 
 
 def test_unknown_database_is_a_clear_error(influx_server: LocalInflux):
     client = InfluxClient(influx_server.url, "no_such_db")
     with pytest.raises(InfluxError, match="database not found: no_such_db"):
-        client.read_points("telemetry", T0, T0.replace(minute=1))
+        _points(client, "telemetry", T0, T0.replace(minute=1))
 
 
 def test_unreachable_server_is_a_clear_error_after_retries():
@@ -88,13 +94,13 @@ def test_username_password_auth_against_a_server_that_requires_it(tmp_path):
         good = InfluxClient(server.url, "authdb", username="admin", password="s3cret")
         good.create_database()
         good.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
-        assert good.read_points("telemetry", T0, T0.replace(minute=1)).height == 1
+        assert _points(good, "telemetry", T0, T0.replace(minute=1)).height == 1
         bad = InfluxClient(server.url, "authdb", username="admin", password="wrong")
         with pytest.raises(InfluxError, match="refused the credentials"):
-            bad.read_points("telemetry", T0, T0.replace(minute=1))
+            _points(bad, "telemetry", T0, T0.replace(minute=1))
         anonymous = InfluxClient(server.url, "authdb")
         with pytest.raises(InfluxError, match="refused the credentials"):
-            anonymous.read_points("telemetry", T0, T0.replace(minute=1))
+            _points(anonymous, "telemetry", T0, T0.replace(minute=1))
     finally:
         server.stop()
 
@@ -121,8 +127,8 @@ def test_parallel_series_slices_read_every_point_exactly_once(influx_db: InfluxC
     )
     influx_db.write_lines(encode_points(points))
     influx_db.write_lines([f"telemetry,household_id=h power_w=99.0 {NS + 10**9}"])  # no device tag
-    one = influx_db.read_points("telemetry", T0, T0.replace(minute=1))
-    many = influx_db.read_points("telemetry", T0, T0.replace(minute=1), parallel=parallel)
+    one = _points(influx_db, "telemetry", T0, T0.replace(minute=1))
+    many = _points(influx_db, "telemetry", T0, T0.replace(minute=1), parallel=parallel)
     assert one.height == len(ids) + 1
     assert many.sort("time").equals(one.sort("time"))
 
@@ -138,4 +144,4 @@ def test_unknown_retention_policy_is_a_clear_error_not_an_empty_minute(influx_db
     influx_db.write_lines([f"telemetry,device_id=a,household_id=h power_w=1.0 {NS}"])
     wrong = InfluxClient(influx_db.url, influx_db.database, retention_policy="no_such_rp")
     with pytest.raises(InfluxError, match="retention policy not found"):
-        wrong.read_points("telemetry", T0, T0.replace(minute=1))
+        _points(wrong, "telemetry", T0, T0.replace(minute=1))

@@ -29,6 +29,7 @@ from energy_pipeline.config import READ_PARALLELISM
 from energy_pipeline.influx import quote_ident, to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
 from energy_pipeline.simulator import build_fleet, generate_points
+from energy_pipeline.sources import read_window
 from energy_pipeline.storage import connect, upsert_devices
 from energy_pipeline.telemetry_writer import write_points
 
@@ -139,7 +140,7 @@ def _ranged_child(targets: BenchTargets, start: datetime, minutes: int, chunk: i
     # The reference: InfluxDB streaming the same range the same way, nothing done with it.
     influx_before, t = _cpu_s(targets.influx_pid), time.perf_counter()
     for window in chunk_windows(start, end, chunk):
-        influx.read_points(MEASUREMENT, *window, parallel=READ_PARALLELISM)
+        read_window(influx, MEASUREMENT, *window, parallel=READ_PARALLELISM)
     read_only_s = time.perf_counter() - t
     cores = os.cpu_count() or 1
     return {

@@ -1,4 +1,4 @@
-"""Voltage in the minute rollup; per-minute checksums of the raw data in the ledger.
+"""Voltage in the minute rollup; per-minute checksums in the ledger; out-of-range raw points.
 
 The ledger keeps, per minute, InfluxDB's own count and sum of every field as they were when the
 minute was read. The late-data check asks InfluxDB the same question again: a changed count *or* a
@@ -27,9 +27,19 @@ ALTER TABLE energy.rollup_minutes
     ADD COLUMN energy_wh_sum    double precision NOT NULL DEFAULT 0,
     ADD COLUMN voltage_v_points integer NOT NULL DEFAULT 0,
     ADD COLUMN voltage_v_sum    double precision NOT NULL DEFAULT 0;
+
+-- Points stored in InfluxDB that no minute partition will ever read (a device clock far off):
+-- counted by the late-data check, one row per side, so an operator can see them.
+CREATE TABLE energy.raw_out_of_range (
+    side       text PRIMARY KEY CHECK (side IN ('before', 'after')),
+    bound      timestamptz NOT NULL,
+    points     bigint NOT NULL CHECK (points >= 0),
+    checked_at timestamptz NOT NULL
+);
 """
 
 DOWNGRADE = """
+DROP TABLE IF EXISTS energy.raw_out_of_range;
 ALTER TABLE energy.rollup_minutes
     DROP COLUMN IF EXISTS voltage_v_sum,
     DROP COLUMN IF EXISTS voltage_v_points,
