@@ -7,9 +7,13 @@ evaluated at import time.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +38,94 @@ def _int(
     return value
 
 
+# URL userinfo (`scheme://user:secret@`), up to the last `@` of the token, since an unencoded `@` in
+# a password is common; over-redacting is the safe direction.
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s'\"]*):[^\s'\"]*@", re.IGNORECASE)
+# `password=…` as a URL query parameter or a libpq key=value pair (quoted or bare); also catches
+# `sslpassword=`.
+_PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:\\.|[^'\\])*'?|[^\s&'\"]*)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_dsn(text: str) -> str:
+    """`text` with every password of a URL, DSN query or key=value connection string masked."""
+    text = _URL_USERINFO.sub(rf"\1:{REDACTED}@", text)
+    return _PASSWORD_PARAM.sub(rf"\1{REDACTED}", text)
+
+
+def dsn_secrets(dsn: str) -> set[str]:
+    """The password(s) a connection string or URL carries, in every spelling an error could show."""
+    found: set[str] = set()
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+        if password:
+            found.add(str(password))
+    except Exception:  # noqa: BLE001 - an unparsable DSN still gets the textual search below
+        pass
+    userinfo = urllib.parse.urlsplit(dsn).netloc.rpartition("@")[0] if "://" in dsn else ""
+    if ":" in userinfo:
+        found.add(userinfo.split(":", 1)[1])
+    for m in _PASSWORD_PARAM.finditer(dsn):
+        found.add(m.group(2).strip("'"))
+    spellings = set()
+    for secret in found:
+        spellings |= {secret, urllib.parse.quote(secret, safe=""), urllib.parse.unquote(secret)}
+    return {s for s in spellings if s}
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with the given secrets (longest first) and any DSN password masked."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return redact_dsn(text)
+
+
+def _check_port(name: str, port: object) -> None:
+    for part in str(port).split(","):
+        if part and not (part.isdigit() and 1 <= int(part) <= 65535):
+            raise ConfigError(f"{name}: port must be between 1 and 65535")
+
+
+def validate_http_url(name: str, url: str) -> str:
+    """`url` if it is http(s)://host[:port][/path]; a ConfigError naming `name` otherwise."""
+    parts = urllib.parse.urlsplit(url)
+    shown = redact_dsn(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must look like http(s)://host[:port], got {shown!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a non-numeric or out-of-range port
+    except ValueError:
+        raise ConfigError(f"{name}: port must be between 1 and 65535, got {shown!r}") from None
+    return url
+
+
+def validate_pg_dsn(name: str, dsn: str) -> str:
+    """`dsn` if libpq can parse it (URL or key=value) with sane ports; never echoes it."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - libpq's message quotes the DSN, password included
+        params = None
+    if params is None:
+        raise ConfigError(
+            f"{name} is not a valid PostgreSQL connection string (postgresql://user:password@host"
+            ":port/db or key=value pairs); characters such as % @ / : in a URL password must be "
+            "percent-encoded (% as %25)"
+        )
+    _check_port(name, params.get("port", ""))
+    return dsn
+
+
+def validate_dagster_pg_url(name: str, url: str) -> str:
+    """`url` if dagster-postgres can use it as is: `postgresql+psycopg2://`, parsable."""
+    if not url.startswith("postgresql+psycopg2://"):
+        raise ConfigError(
+            f"{name} must start with postgresql+psycopg2:// (dagster.yaml hands it to "
+            f"dagster-postgres as is, which needs psycopg2), got {redact_dsn(url)!r}"
+        )
+    validate_pg_dsn(name, "postgresql://" + url[len("postgresql+psycopg2://") :])
+    return url
+
+
 def dagster_storage_url(url: str) -> str:
     """Pin dagster-postgres to psycopg2: SQLAlchemy 2.1 maps plain `postgresql://` to psycopg 3,
     whose server-side parameters break dagster-postgres' `NOTIFY run_events, %s`."""
@@ -45,6 +137,9 @@ def dagster_storage_url(url: str) -> str:
 
 # Concurrent InfluxDB queries per read, each over a disjoint slice of the series (see influx.py).
 READ_PARALLELISM = 2
+# Longest a sensor-requested rollup run may stay started before run monitoring fails it and the
+# sensor stops waiting for it: 20x a 60-minute catch-up run at peak (~40 s), see docs/design.md.
+RUN_TIMEOUT_SECONDS = 900
 
 
 @dataclass(frozen=True)
@@ -69,25 +164,43 @@ class Settings:
     max_range_minutes: int = 60
     chunk_minutes: int = 5
     read_parallelism: int = READ_PARALLELISM
+    run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:  # URLs and DSNs may carry passwords
+        shown = ", ".join(
+            f"{f}={redact_dsn(v) if isinstance(v, str) else v!r}"
+            for f, v in vars(self).items()
+            if f != "secrets"
+        )
+        return f"Settings({shown})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         data_dir = Path(env.get("ENERGY_DATA_DIR") or PROJECT_ROOT / ".data")
-        influx_port = _int(env, "ENERGY_INFLUX_PORT", 18086, 1)
-        pg_port = _int(env, "ENERGY_PG_PORT", 15432, 1)
+        influx_port = _int(env, "ENERGY_INFLUX_PORT", 18086, 1, 65535)
+        pg_port = _int(env, "ENERGY_PG_PORT", 15432, 1, 65535)
         local_pg = f"postgresql://postgres@127.0.0.1:{pg_port}"
         settings = cls(
             data_dir=data_dir,
             influx_port=influx_port,
             pg_port=pg_port,
-            influx_url=env.get("INFLUXDB_URL") or f"http://127.0.0.1:{influx_port}",
+            influx_url=validate_http_url(
+                "INFLUXDB_URL", env.get("INFLUXDB_URL") or f"http://127.0.0.1:{influx_port}"
+            ),
             influx_database=env.get("INFLUXDB_DATABASE") or "energy",
             influx_retention_policy=env.get("INFLUXDB_RETENTION_POLICY") or "",
             influx_measurement=env.get("INFLUXDB_MEASUREMENT") or "telemetry",
-            pg_dsn=env.get("ENERGY_PG_DSN") or f"{local_pg}/energy",
-            dagster_pg_url=dagster_storage_url(env.get("DAGSTER_PG_URL") or f"{local_pg}/dagster"),
+            pg_dsn=validate_pg_dsn(
+                "ENERGY_PG_DSN", env.get("ENERGY_PG_DSN") or f"{local_pg}/energy"
+            ),
+            # Not rewritten: the plain `dagster` CLI reads DAGSTER_PG_URL through dagster.yaml as
+            # is, so every entry point must see a URL that works unchanged.
+            dagster_pg_url=validate_dagster_pg_url(
+                "DAGSTER_PG_URL",
+                env.get("DAGSTER_PG_URL") or dagster_storage_url(f"{local_pg}/dagster"),
+            ),
             raw_retention_days=_int(env, "ENERGY_RAW_RETENTION_DAYS", 30, 1),
             settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 5),
             lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),
@@ -97,6 +210,7 @@ class Settings:
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
             read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10),
+            run_timeout_seconds=_int(env, "ENERGY_RUN_TIMEOUT_SECONDS", RUN_TIMEOUT_SECONDS, 10),
             secrets={
                 k: env[k]
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")

@@ -6,14 +6,16 @@ All SQL is parameterised; frames go in through COPY. No Dagster here.
 from __future__ import annotations
 
 import io
-import re
+import time
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import polars as pl
 import psycopg
 from psycopg import sql
 
+from energy_pipeline.config import dsn_secrets, scrub
+from energy_pipeline.config import redact_dsn as redact_dsn  # re-exported for the command line
 from energy_pipeline.rollups import LEDGER_COLUMNS, QUARANTINE_SCHEMA, ROLLUP_COLUMNS
 
 SOURCE_MINUTE_ROLLUP = "device_rollup_1m"
@@ -23,6 +25,11 @@ DEVICE_COLUMNS = ("device_id", "household_id", "name", "model", "location", "tim
 MINUTE_WRITE_LOCK = "energy.device_rollup_1m:write"
 # Partitions are created this many days ahead of the newest day written.
 PARTITION_DAYS_AHEAD = 2
+# Creating a partition waits at most this long for its locks, and is tried this many times, so a
+# long transaction on the parent table makes it fail clearly instead of hanging with readers
+# queued behind it.
+PARTITION_LOCK_TIMEOUT_MS = 2000
+PARTITION_ATTEMPTS = 3
 
 
 class StorageError(RuntimeError):
@@ -39,14 +46,25 @@ def connect(dsn: str, **kwargs) -> psycopg.Connection:
     kwargs.setdefault("autocommit", True)
     try:
         return psycopg.connect(dsn, connect_timeout=10, **kwargs)
-    except psycopg.OperationalError as exc:
-        host = psycopg.conninfo.conninfo_to_dict(dsn).get("host", "?")
-        raise StorageError(f"cannot connect to PostgreSQL (host {host}): {exc}".strip()) from exc
+    except psycopg.Error as exc:
+        message = connect_error_message(dsn, exc)
+    # Raised outside the `except`: a chained psycopg error would carry libpq's text, which can
+    # quote the DSN, into tracebacks, Dagster's event log and the daemon log.
+    raise StorageError(message)
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for printing."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", dsn)
+def connect_error_message(dsn: str, exc: BaseException) -> str:
+    """Why connecting failed, naming host and database but never the DSN's password."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return (
+            "cannot connect to PostgreSQL: the connection string is not valid (a URL password "
+            "must percent-encode characters such as % @ / :, e.g. % as %25)"
+        )
+    where = f"host {params.get('host', '?')}, database {params.get('dbname', '?')}"
+    detail = scrub(str(exc), dsn_secrets(dsn)).strip()
+    return f"cannot connect to PostgreSQL ({where}): {detail}"
 
 
 def copy_frame(
@@ -73,11 +91,85 @@ def copy_frame(
 
 
 def ensure_partitions(cur: psycopg.Cursor, table: str, first: datetime, last: datetime) -> None:
-    """Create the day partitions of `energy.<table>` covering first..last plus the days ahead."""
+    """Create the day partitions of `energy.<table>` covering first..last plus the days ahead.
+
+    Runs in the caller's transaction; writers use `prepare_partitions` instead, before theirs.
+    """
     cur.execute(
         "SELECT energy.ensure_day_partitions(%s::regclass, %s::date, %s::date)",
         (f"energy.{table}", first.date(), (last + timedelta(days=PARTITION_DAYS_AHEAD)).date()),
     )
+
+
+def missing_partition_days(
+    conn: psycopg.Connection, table: str, first_day: date, last_day: date
+) -> list[date]:
+    """UTC days in first_day..last_day without a partition of `energy.<table>` (no locks taken)."""
+    rows = conn.execute(
+        "SELECT d::date FROM generate_series(%s::date, %s::date, interval '1 day') AS d "
+        "WHERE to_regclass(format('energy.%%I', %s || '_p' || to_char(d, 'YYYYMMDD'))) IS NULL "
+        "ORDER BY d",
+        (first_day, last_day, table),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def create_partitions(
+    conn: psycopg.Connection,
+    table: str,
+    first_day: date,
+    last_day: date,
+    *,
+    lock_timeout_ms: int = PARTITION_LOCK_TIMEOUT_MS,
+    attempts: int = PARTITION_ATTEMPTS,
+) -> int:
+    """Create the missing day partitions first_day..last_day of `energy.<table>` in a short
+    transaction of its own; returns how many were created.
+
+    Waits for locks at most `lock_timeout_ms` per attempt, then raises a StorageError.
+    """
+    for attempt in range(attempts):
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms))
+                )
+                cur.execute(
+                    "SELECT energy.ensure_day_partitions(%s::regclass, %s::date, %s::date)",
+                    (f"energy.{table}", first_day, last_day),
+                )
+                row = cur.fetchone()
+                return int(row[0]) if row else 0
+        except psycopg.errors.LockNotAvailable:
+            if attempt + 1 < attempts:
+                time.sleep(0.2 * 2**attempt)
+    raise StorageError(
+        f"could not create the partitions of energy.{table} for {first_day}..{last_day}: their "
+        f"locks were not granted within {lock_timeout_ms} ms in {attempts} attempts (a long "
+        "transaction holds a conflicting lock on the table; see pg_locks)"
+    )
+
+
+def prepare_partitions(
+    conn: psycopg.Connection, table: str, first: datetime, last: datetime
+) -> None:
+    """Make sure the day partitions of first..last exist before a write, plus the days ahead.
+
+    Only checks when they exist (one catalog query, no locks), so a write whose partitions exist
+    never runs DDL. Missing days being written fail loudly if they cannot be created; missing days
+    ahead are only attempted once and left to the next write.
+    """
+    ahead = (last + timedelta(days=PARTITION_DAYS_AHEAD)).date()
+    missing = missing_partition_days(conn, table, first.date(), ahead)
+    if not missing:
+        return
+    if missing[0] <= last.date():
+        create_partitions(conn, table, missing[0], ahead)
+        return
+    try:
+        create_partitions(conn, table, missing[0], ahead, attempts=1)
+    except StorageError:
+        pass  # the days ahead are not written yet: the next write tries again
 
 
 def replace_minutes(
@@ -93,9 +185,11 @@ def replace_minutes(
 
     Re-running a window gives the same rows; a failure anywhere rolls the whole window back.
     """
+    # Partitions come first, in their own transaction: DDL inside the write transaction would wait
+    # for every open reader of the table while holding the write lock.
+    prepare_partitions(conn, "device_rollup_1m", start, end - timedelta(microseconds=1))
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (MINUTE_WRITE_LOCK,))
-        ensure_partitions(cur, "device_rollup_1m", start, end - timedelta(microseconds=1))
         window = (start, end)
         cur.execute(
             "DELETE FROM energy.device_rollup_1m WHERE bucket >= %s AND bucket < %s", window

@@ -2,34 +2,88 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy.engine import URL
+
+from energy_pipeline.config import dsn_secrets, redact_dsn, scrub
 
 HERE = Path(__file__).resolve().parent
+# Day partitions of the minute rollup that every `migrate` makes sure exist, around today (UTC).
+PARTITION_DAYS_BEFORE = 1
+PARTITION_DAYS_AFTER = 7
 
 
-def sqlalchemy_url(dsn: str) -> str:
-    """Turn a libpq URL into a SQLAlchemy URL that uses psycopg 3."""
-    for prefix in ("postgresql://", "postgres://"):
-        if dsn.startswith(prefix):
-            return "postgresql+psycopg://" + dsn[len(prefix) :]
-    raise ValueError("ENERGY_PG_DSN must be a postgresql:// URL")
+class MigrationError(RuntimeError):
+    """Migrating failed; the message never contains the DSN's password."""
+
+
+def sqlalchemy_url(dsn: str) -> URL:
+    """A SQLAlchemy URL (psycopg 3 driver) for a libpq DSN, given as a URL or as key=value pairs."""
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    except Exception:  # noqa: BLE001 - libpq's message quotes the DSN, password included
+        params = None
+    if params is None:
+        raise MigrationError("the PostgreSQL DSN is not a valid connection string")
+    host, port = params.pop("host", None), params.pop("port", None)
+    # Several hosts (failover) only fit SQLAlchemy's query form.
+    if host and "," in host or port and "," in port:
+        params.update({k: v for k, v in (("host", host), ("port", port)) if v})
+        host = port = None
+    return URL.create(
+        "postgresql+psycopg",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        host=host,
+        port=int(port) if port else None,
+        database=params.pop("dbname", None),
+        query=params,
+    )
 
 
 def alembic_config(dsn: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
-    # ConfigParser interpolation would treat '%' in passwords as syntax.
-    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(dsn).replace("%", "%%"))
+    # Handed over as an object: no ConfigParser interpolation of '%', no URL text to print.
+    cfg.attributes["sqlalchemy_url"] = sqlalchemy_url(dsn)
     return cfg
 
 
+def _run(dsn: str, action: str, revision: str) -> None:
+    cfg = alembic_config(dsn)
+    try:
+        getattr(command, action)(cfg, revision)
+        return
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and libpq errors may quote the URL
+        detail = scrub(f"{type(exc).__name__}: {exc}", dsn_secrets(dsn))
+    # Raised outside the `except` so no chained exception carries the unscrubbed text.
+    raise MigrationError(f"migrating {redact_dsn(dsn)} failed: {detail}")
+
+
 def upgrade(dsn: str, revision: str = "head") -> None:
-    """Bring the database at `dsn` to `revision` (idempotent; safe to run concurrently)."""
-    command.upgrade(alembic_config(dsn), revision)
+    """Bring the database at `dsn` to `revision` (idempotent; safe to run concurrently).
+
+    At head, also makes sure the minute rollup's day partitions around today exist.
+    """
+    _run(dsn, "upgrade", revision)
+    if revision == "head":
+        from energy_pipeline.storage import connect, create_partitions
+
+        today = datetime.now(UTC).date()
+        with connect(dsn) as conn:
+            create_partitions(
+                conn,
+                "device_rollup_1m",
+                today - timedelta(days=PARTITION_DAYS_BEFORE),
+                today + timedelta(days=PARTITION_DAYS_AFTER),
+            )
 
 
 def downgrade(dsn: str, revision: str) -> None:
-    command.downgrade(alembic_config(dsn), revision)
+    """Take the database at `dsn` back to `revision`."""
+    _run(dsn, "downgrade", revision)

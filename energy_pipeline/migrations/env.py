@@ -9,7 +9,9 @@ MIGRATION_LOCK_KEY = 7_205_511_001
 
 
 def run_migrations_online() -> None:
-    url = context.config.get_main_option("sqlalchemy.url")
+    url = context.config.attributes.get("sqlalchemy_url") or context.config.get_main_option(
+        "sqlalchemy.url"
+    )
     if not url:
         raise RuntimeError(
             "sqlalchemy.url is not set: run migrations through energy_pipeline.migrations"
