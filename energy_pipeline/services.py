@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -83,6 +83,10 @@ def _check_port_free(port: int, what: str) -> None:
         )
 
 
+def _toml(value: int | str) -> str:
+    return str(value) if isinstance(value, int) else '"' + value + '"'
+
+
 @dataclass
 class LocalInflux:
     """An InfluxDB 1.x server (Debian's `influxd`) with its data under `root`."""
@@ -90,6 +94,9 @@ class LocalInflux:
     root: Path
     port: int
     auth: bool = False  # require username/password (create the first admin with `create_admin`)
+    # Extra `[coordinator]` settings, e.g. {"max-select-point": 100000}: server limits that
+    # fault-injection tests set the way production servers do.
+    coordinator: dict[str, int | str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -106,6 +113,8 @@ class LocalInflux:
     def _config(self) -> str:
         # The RPC port is only used by backup/restore; it must not collide with another instance.
         rpc_port = free_port()
+        limits = {"query-timeout": "0s", **self.coordinator}
+        coordinator = "\n".join(f"  {k} = {_toml(v)}" for k, v in limits.items())
         return f"""reporting-disabled = true
 bind-address = "{LOOPBACK}:{rpc_port}"
 [meta]
@@ -117,7 +126,7 @@ bind-address = "{LOOPBACK}:{rpc_port}"
   max-series-per-database = 0
   max-values-per-tag = 0
 [coordinator]
-  query-timeout = "0s"
+{coordinator}
 [http]
   bind-address = "{LOOPBACK}:{self.port}"
   auth-enabled = {"true" if self.auth else "false"}
