@@ -52,11 +52,17 @@ BEGIN
 END $$;
 
 -- The owner owns the schema and everything in it (partitions included), so that only it can
--- change the tables. Sequences of identity columns follow their table.
+-- change the tables. Sequences of identity columns follow their table. PostgreSQL lets a
+-- schema change owner only to a role with CREATE on the database.
 DO $$
 DECLARE
     obj record;
 BEGIN
+    BEGIN
+        EXECUTE format('GRANT CREATE ON DATABASE %I TO energy_owner', current_database());
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE NOTICE 'cannot grant CREATE on this database to energy_owner';
+    END;
     IF (SELECT nspowner FROM pg_namespace WHERE nspname = 'energy') <> 'energy_owner'::regrole THEN
         ALTER SCHEMA energy OWNER TO energy_owner;
     END IF;
