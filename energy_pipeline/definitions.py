@@ -33,7 +33,10 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
         ],
         resources={
             "influxdb": InfluxDBResource(
-                url=settings.influx_url,
+                # A URL with userinfo carries a password: keep it an EnvVar too.
+                url=_secret("INFLUXDB_URL", settings.influx_url)
+                if "@" in settings.influx_url
+                else settings.influx_url,
                 database=settings.influx_database,
                 retention_policy=settings.influx_retention_policy,
                 measurement=settings.influx_measurement,
@@ -54,6 +57,8 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
                 max_range_minutes=settings.max_range_minutes,
                 chunk_minutes=settings.chunk_minutes,
                 read_parallelism=settings.read_parallelism,
+                raw_retention_days=settings.raw_retention_days,
+                run_timeout_seconds=settings.run_timeout_seconds,
             ),
         },
         # Minute runs are small: run their steps in the run's own process, not one per step.

@@ -53,3 +53,5 @@ class RollupSettings(dg.ConfigurableResource):
     max_range_minutes: int
     chunk_minutes: int
     read_parallelism: int
+    raw_retention_days: int
+    run_timeout_seconds: int

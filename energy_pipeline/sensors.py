@@ -1,17 +1,30 @@
 """Sensors that request minute rollups: new minutes as they close, repairs, and late data."""
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import polars as pl
 
+from energy_pipeline.config import RUN_TIMEOUT_SECONDS
+from energy_pipeline.ledger import ledger_gaps_between
+from energy_pipeline.planning import (
+    Cursor,
+    MinutePlan,
+    PlanSettings,
+    Range,
+    RunInFlight,
+    describe_ranges,
+    is_orphan,
+    plan_minutes,
+    repair_window,
+)
 from energy_pipeline.resources import InfluxDBResource, PostgresResource, RollupSettings
 from energy_pipeline.scheduling import (
     MINUTE,
     contiguous_ranges,
     minutes_between,
-    new_minutes,
     newest_due_minute,
     parse_partition_key,
     partition_key,
@@ -20,15 +33,17 @@ from energy_pipeline.storage import ledger_between, record_late_points_ignored
 
 ORIGIN_TAG = "energy/origin"
 ORIGINS = ("minutes", "repair", "late")
-# Failed or lost minutes are requested again at most this often, so an outage does not turn into
-# a storm of failing runs.
-REPAIR_BACKOFF = timedelta(seconds=60)
-IN_FLIGHT_HORIZON = timedelta(minutes=30)
 QUEUED_OR_RUNNING = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+# Run monitoring fails a run that has been STARTED longer than this tag says, even when its
+# process died with the daemon (the default run launcher cannot check worker health).
+MAX_RUNTIME_TAG = "dagster/max_runtime"
+# The queue starts higher numbers first: new minutes go before repairs of older ones.
+PRIORITY_TAG = "dagster/priority"
+REPAIR_PRIORITY = "-1"
 
 
 def utcnow() -> datetime:
@@ -36,9 +51,14 @@ def utcnow() -> datetime:
 
 
 def _run_request(
-    asset_key: dg.AssetKey, first: datetime, last: datetime, run_key: str, origin: str
+    asset_key: dg.AssetKey,
+    first: datetime,
+    last: datetime,
+    run_key: str,
+    origin: str,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> dg.RunRequest:
-    tags = {ORIGIN_TAG: origin}
+    tags = {ORIGIN_TAG: origin, **(extra_tags or {})}
     if first == last:
         return dg.RunRequest(
             run_key=run_key,
@@ -54,7 +74,24 @@ def _run_request(
 
 
 def _requests(
-    asset_key: dg.AssetKey, minutes, max_len: int, key_prefix: str, key_suffix: str = ""
+    asset_key: dg.AssetKey,
+    minutes,
+    max_len: int,
+    key_prefix: str,
+    key_suffix: str = "",
+    extra_tags: Mapping[str, str] | None = None,
+) -> list[dg.RunRequest]:
+    return _range_requests(
+        asset_key, contiguous_ranges(minutes, max_len), key_prefix, key_suffix, extra_tags
+    )
+
+
+def _range_requests(
+    asset_key: dg.AssetKey,
+    ranges: list[Range],
+    key_prefix: str,
+    key_suffix: str = "",
+    extra_tags: Mapping[str, str] | None = None,
 ) -> list[dg.RunRequest]:
     return [
         _run_request(
@@ -63,47 +100,141 @@ def _requests(
             last,
             f"{key_prefix}:{partition_key(first)}:{partition_key(last)}{key_suffix}",
             key_prefix,
+            extra_tags,
         )
-        for first, last in contiguous_ranges(minutes, max_len)
+        for first, last in ranges
     ]
 
 
-def in_flight_minutes(instance: dg.DagsterInstance, now: datetime) -> set[datetime]:
-    """Minutes covered by rollup runs that are queued or running.
+def run_tags(rollup_settings: RollupSettings) -> dict[str, str]:
+    """Tags every sensor-requested rollup run carries: its runtime limit for run monitoring."""
+    return {MAX_RUNTIME_TAG: str(rollup_settings.run_timeout_seconds)}
 
-    Queued and running runs always count (run monitoring fails running ones whose process died).
-    A run still NOT_STARTED long after it was created was orphaned (a daemon died while submitting
-    it) and must not block its minutes forever.
-    """
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def runs_in_flight(
+    instance: dg.DagsterInstance, now: datetime, run_timeout_seconds: int
+) -> list[RunInFlight]:
+    """Rollup runs requested by the sensors that have not finished, orphans included."""
     tags = {ORIGIN_TAG: list(ORIGINS)}
-    runs = [
-        *instance.get_runs(filters=dg.RunsFilter(statuses=QUEUED_OR_RUNNING, tags=tags)),
-        *instance.get_runs(
+    records = [
+        *instance.get_run_records(filters=dg.RunsFilter(statuses=QUEUED_OR_RUNNING, tags=tags)),
+        # Runs left NOT_STARTED by a daemon that died while submitting them stay so forever:
+        # only recent ones can still be submitted.
+        *instance.get_run_records(
             filters=dg.RunsFilter(
                 statuses=[dg.DagsterRunStatus.NOT_STARTED],
                 tags=tags,
-                created_after=now - IN_FLIGHT_HORIZON,
+                created_after=now - timedelta(seconds=run_timeout_seconds),
             )
         ),
     ]
-    out: set[datetime] = set()
-    for run in runs:
-        run_tags = run.tags
-        first = run_tags.get("dagster/asset_partition_range_start") or run_tags.get(
+    out = []
+    for record in records:
+        run = record.dagster_run
+        first = run.tags.get("dagster/asset_partition_range_start") or run.tags.get(
             "dagster/partition"
         )
-        last = run_tags.get("dagster/asset_partition_range_end") or run_tags.get(
+        last = run.tags.get("dagster/asset_partition_range_end") or run.tags.get(
             "dagster/partition"
         )
-        if first and last:
-            out.update(minutes_between(parse_partition_key(first), parse_partition_key(last)))
+        if not (first and last):
+            continue
+        if run.status == dg.DagsterRunStatus.STARTED and record.start_time is not None:
+            since = datetime.fromtimestamp(record.start_time, UTC)
+        elif run.status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING):
+            since = _aware(record.update_timestamp)
+        else:
+            since = _aware(record.create_timestamp)
+        out.append(
+            RunInFlight(
+                origin=run.tags.get(ORIGIN_TAG, ""),
+                status=run.status.value,
+                first=parse_partition_key(first),
+                last=parse_partition_key(last),
+                since=since,
+            )
+        )
     return out
+
+
+def in_flight_minutes(
+    instance: dg.DagsterInstance, now: datetime, run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
+) -> set[datetime]:
+    """Minutes covered by rollup runs that are queued or running and not orphaned.
+
+    A run created, starting or started more than `run_timeout_seconds` ago lost its process (a
+    crash of the daemon's process tree leaves it STARTED until run monitoring fails it) and must
+    not keep its minutes from being requested again.
+    """
+    return {
+        m
+        for run in runs_in_flight(instance, now, run_timeout_seconds)
+        if not is_orphan(run, now, run_timeout_seconds)
+        for m in minutes_between(run.first, run.last)
+    }
+
+
+def _cursor(raw: str | None) -> Cursor:
+    data = json.loads(raw) if raw else {}
+    return Cursor(
+        last=parse_partition_key(data["last"]) if data.get("last") else None,
+        since=parse_partition_key(data["since"]) if data.get("since") else None,
+        repair_after=data.get("repair_after", 0.0),
+        hole_minutes=data.get("hole_minutes", 0),
+    )
+
+
+def _cursor_json(cursor: Cursor) -> str:
+    return json.dumps(
+        {
+            "last": partition_key(cursor.last) if cursor.last else None,
+            "since": partition_key(cursor.since) if cursor.since else None,
+            "repair_after": cursor.repair_after,
+            "hole_minutes": cursor.hole_minutes,
+        }
+    )
+
+
+def _report_holes(
+    context: dg.SensorEvaluationContext, asset_key: dg.AssetKey, plan: MinutePlan, before: int
+) -> list[dg.AssetObservation]:
+    """Warn about minutes without rollups and record their count on the asset when it changes."""
+    for run in plan.orphans:
+        context.log.warning(
+            f"a {run.origin} run of {partition_key(run.first)}..{partition_key(run.last)} has "
+            f"been {run.status} since {run.since:%Y-%m-%d %H:%M:%S}Z: treated as orphaned"
+        )
+    holes = plan.holes or []
+    if holes:
+        context.log.warning(
+            f"{plan.hole_minutes} minutes have no rollup (no row in energy.rollup_minutes): "
+            f"{describe_ranges(holes)}; repairing {len(plan.repairs)} ranges now, newest first, "
+            f"{plan.deferred_minutes} minutes on later ticks"
+        )
+    if plan.hole_minutes == before:
+        return []
+    return [
+        dg.AssetObservation(
+            asset_key=asset_key,
+            metadata={
+                "minutes_without_rollup": plan.hole_minutes,
+                "ranges_without_rollup": describe_ranges(holes, limit=50) or "none",
+                "oldest_minute_without_rollup": (
+                    partition_key(min(first for first, _ in holes)) if holes else "none"
+                ),
+            },
+        )
+    ]
 
 
 def build_minute_rollup_sensor(
     asset: dg.AssetsDefinition, partitions_def: dg.TimeWindowPartitionsDefinition
 ) -> dg.SensorDefinition:
-    """Requests each closed minute once (ranged runs after downtime) and repairs failed ones."""
+    """Requests each closed minute once (ranged runs after downtime) and repairs missing ones."""
     earliest = partitions_def.start.astimezone(UTC)
 
     @dg.sensor(
@@ -117,46 +248,48 @@ def build_minute_rollup_sensor(
         postgres: PostgresResource,
         rollup_settings: RollupSettings,
     ) -> dg.SensorResult | dg.SkipReason:
-        """Rolls up each minute once it has closed and settled; re-requests minutes that failed."""
+        """Rolls up each minute once it has closed and settled; repairs minutes without rollups.
+
+        Repairs reach back to the first minute this sensor requested (older history is a
+        backfill) or the start of raw-data retention, whichever is later; see `planning`.
+        """
         now = utcnow()
-        cursor = json.loads(context.cursor) if context.cursor else {}
-        last = parse_partition_key(cursor["last"]) if cursor.get("last") else None
-        # Repairs never reach before the first minute this sensor requested: older history is a
-        # backfill decision, not a repair.
-        since = parse_partition_key(cursor["since"]) if cursor.get("since") else None
-        newest = newest_due_minute(now, rollup_settings.settle_seconds)
-        if newest < earliest:
+        cursor = _cursor(context.cursor)
+        if newest_due_minute(now, rollup_settings.settle_seconds) < earliest:
             return dg.SkipReason("no closed minute inside the partition range yet")
-        max_len = rollup_settings.max_range_minutes
-        fresh = new_minutes(last, newest, earliest)
-        requests = _requests(asset.key, fresh, max_len, "minutes")
-
-        repair_after = cursor.get("repair_after", 0.0)
-        if last is not None and now.timestamp() >= repair_after:
-            lookback = max(
-                earliest,
-                since or earliest,
-                newest - timedelta(seconds=rollup_settings.lateness_seconds),
-            )
+        settings = PlanSettings(
+            earliest=earliest,
+            settle_seconds=rollup_settings.settle_seconds,
+            max_range_minutes=rollup_settings.max_range_minutes,
+            raw_retention_days=rollup_settings.raw_retention_days,
+            run_timeout_seconds=rollup_settings.run_timeout_seconds,
+        )
+        window = repair_window(cursor, now, settings)
+        holes: list[Range] | None = None
+        in_flight: list[RunInFlight] = []
+        if window is not None:
             with postgres.connect() as conn:
-                done = set(ledger_between(conn, lookback, last + MINUTE)["bucket"].to_list())
-            covered = done | in_flight_minutes(context.instance, now)
-            missing = [m for m in minutes_between(lookback, last) if m not in covered]
-            if missing:
-                context.log.warning(f"re-requesting {len(missing)} minutes without rollups")
-                requests += _requests(
-                    asset.key, missing, max_len, "repair", f":{int(now.timestamp())}"
-                )
-                repair_after = (now + REPAIR_BACKOFF).timestamp()
-
-        new_cursor = {
-            "last": partition_key(newest),
-            "since": partition_key(since or (fresh[0] if fresh else newest)),
-            "repair_after": repair_after,
-        }
-        if not requests:
-            return dg.SensorResult(skip_reason="nothing due", cursor=json.dumps(new_cursor))
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(new_cursor))
+                holes = ledger_gaps_between(conn, *window)
+            in_flight = runs_in_flight(context.instance, now, settings.run_timeout_seconds)
+        plan = plan_minutes(cursor, holes, in_flight, now, settings)
+        events = _report_holes(context, asset.key, plan, cursor.hole_minutes)
+        tags = run_tags(rollup_settings)
+        requests = [
+            *_range_requests(asset.key, plan.fresh, "minutes", extra_tags=tags),
+            *_range_requests(
+                asset.key,
+                plan.repairs,
+                "repair",
+                f":{int(now.timestamp())}",
+                {**tags, PRIORITY_TAG: REPAIR_PRIORITY},
+            ),
+        ]
+        return dg.SensorResult(
+            run_requests=requests,
+            asset_events=events,
+            cursor=_cursor_json(plan.cursor),
+            skip_reason=None if requests else "nothing due",
+        )
 
     return minute_rollup_sensor
 

@@ -101,8 +101,9 @@ def test_failed_minutes_are_requested_again_with_a_new_key(settings, influx_db, 
     # Minutes newest-5 .. newest-1 were requested before; all but newest-3 were rolled up.
     for m in (newest - 5 * MINUTE, newest - 4 * MINUTE, newest - 2 * MINUTE, newest - MINUTE):
         materialize_minutes(settings, m, m)
-    cursor = json.dumps({"last": partition_key(newest - MINUTE)})
-    settings = replace(settings, lateness_seconds=5 * 60)
+    cursor = json.dumps(
+        {"last": partition_key(newest - MINUTE), "since": partition_key(newest - 5 * MINUTE)}
+    )
     result = _tick(settings, "minute_rollup_sensor", instance, cursor)
     by_origin = {r.tags[sensors.ORIGIN_TAG]: r for r in result.run_requests}
     assert _minutes_of(by_origin["minutes"]) == [newest]
@@ -199,3 +200,90 @@ def test_between_full_scans_only_recent_minutes_are_checked(settings, influx_db,
     result = _tick(settings, "late_data_sensor", instance, json.dumps({"full_scan_at": 0}))
     assert sorted(m for r in result.run_requests for m in _minutes_of(r)) == [older, recent]
     assert json.loads(result.cursor)["full_scan_at"] == NOW.timestamp()
+
+
+def _ledger_rows(dsn: str, minutes: list[datetime]) -> None:
+    """Ledger rows as a run writes them for minutes without points."""
+    with psycopg.connect(dsn) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO energy.rollup_minutes (bucket, points_read, power_w_points, "
+            "energy_wh_points, duplicates_dropped, rejected, devices, computed_at) "
+            "VALUES (%s, 0, 0, 0, 0, 0, 0, now())",
+            [(m,) for m in minutes],
+        )
+
+
+def test_minute_older_than_the_lateness_window_without_a_ledger_row_is_repaired(
+    settings, influx_db, frozen_now
+):
+    """A minute lost 2.5 hours ago (an outage longer than the lateness window) is repaired."""
+    instance = dg.DagsterInstance.ephemeral()
+    newest = NOW.replace(second=0) - MINUTE
+    since = newest - timedelta(hours=3)
+    hole = newest - timedelta(hours=2, minutes=30)
+    with psycopg.connect(settings.pg_dsn) as conn:
+        conn.execute("INSERT INTO energy.devices (device_id, household_id) VALUES ('d1', 'h1')")
+    ns = int(hole.timestamp()) * 10**9
+    influx_db.write_lines(
+        [f"telemetry,device_id=d1,household_id=h1 power_w=100.0,energy_wh=0.5 {ns}"]
+    )
+    _ledger_rows(
+        settings.pg_dsn, [since + i * MINUTE for i in range(180) if since + i * MINUTE != hole]
+    )
+    cursor = json.dumps({"last": partition_key(newest - MINUTE), "since": partition_key(since)})
+    result = _tick(settings, "minute_rollup_sensor", instance, cursor)
+    repairs = [r for r in result.run_requests if r.tags[sensors.ORIGIN_TAG] == "repair"]
+    assert [_minutes_of(r) for r in repairs] == [[hole]]
+    assert repairs[0].tags[sensors.MAX_RUNTIME_TAG] == str(settings.run_timeout_seconds)
+    # Surfaced, not only repaired: the asset gets an observation naming the hole.
+    (observation,) = result.asset_events
+    assert observation.metadata["minutes_without_rollup"].value == 1
+    assert partition_key(hole) == observation.metadata["oldest_minute_without_rollup"].value
+    _run(settings, repairs[0], instance)
+    assert fetch_rollups(settings.pg_dsn) == [("d1", hole, "h1", 1, 100.0, 100.0, 100.0, 0.5, 0)]
+    # After the backoff the ledger is complete again: no repair, and the count goes back to 0.
+    cursor = json.loads(result.cursor) | {"repair_after": 0}
+    again = _tick(settings, "minute_rollup_sensor", instance, json.dumps(cursor))
+    assert not [r for r in again.run_requests if r.tags[sensors.ORIGIN_TAG] == "repair"]
+    assert again.asset_events[0].metadata["minutes_without_rollup"].value == 0
+
+
+def _started_run(instance: dg.DagsterInstance, minute: datetime, started: datetime) -> str:
+    """A rollup run of `minute` left STARTED since `started`, as a crash leaves it."""
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    run = instance.add_run(
+        dg.DagsterRun(
+            job_name="__ephemeral_asset_job__",
+            status=dg.DagsterRunStatus.NOT_STARTED,
+            tags={sensors.ORIGIN_TAG: "minutes", "dagster/partition": partition_key(minute)},
+        )
+    )
+    instance.run_storage.handle_run_event(
+        run.run_id,
+        DagsterEvent(DagsterEventType.RUN_START.value, job_name=run.job_name),
+        update_timestamp=started,
+    )
+    return run.run_id
+
+
+@pytest.mark.parametrize(("started_ago", "repaired"), [(60, False), (1200, True)])
+def test_run_left_started_past_the_run_timeout_no_longer_blocks_its_repair(
+    settings, frozen_now, started_ago, repaired
+):
+    instance = dg.DagsterInstance.ephemeral()
+    newest = NOW.replace(second=0) - MINUTE
+    lost = newest - 3 * MINUTE
+    _started_run(instance, lost, NOW - timedelta(seconds=started_ago))
+    assert instance.get_runs()[0].status == dg.DagsterRunStatus.STARTED
+    _ledger_rows(settings.pg_dsn, [newest - i * MINUTE for i in range(1, 6) if i != 3])
+    cursor = json.dumps(
+        {"last": partition_key(newest - MINUTE), "since": partition_key(newest - 5 * MINUTE)}
+    )
+    result = _tick(
+        replace(settings, run_timeout_seconds=900), "minute_rollup_sensor", instance, cursor
+    )
+    repairs = [
+        _minutes_of(r) for r in result.run_requests if r.tags[sensors.ORIGIN_TAG] == "repair"
+    ]
+    assert repairs == ([[lost]] if repaired else [])
