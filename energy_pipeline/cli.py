@@ -7,13 +7,14 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from energy_pipeline.config import PROJECT_ROOT, ConfigError, Settings
+from energy_pipeline.config import PROJECT_ROOT, ConfigError, Settings, dsn_secrets, scrub
 from energy_pipeline.influx import InfluxClient, InfluxError
 from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError
-from energy_pipeline.storage import StorageError, redact_dsn
+from energy_pipeline.storage import StorageError, connect, redact_dsn
 
 
 def _servers(settings: Settings) -> tuple[LocalInflux, LocalPostgres]:
@@ -73,6 +74,98 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _create_pg_database(dsn: str) -> str:
+    """Create the database `dsn` names if it is missing and the user may; says what happened."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    name = str(params.get("dbname") or params.get("user") or "")
+    shown = redact_dsn(dsn)
+    for maintenance in ("postgres", "template1"):
+        try:
+            conn = connect(make_conninfo(**{**params, "dbname": maintenance}))
+            break
+        except StorageError:
+            continue
+    else:
+        return f"database {name!r}: not checked (cannot connect to a maintenance database)"
+    with conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return f"database {name!r}: exists ({shown})"
+        row = conn.execute(
+            "SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        if not (row and row[0]):
+            return (
+                f"database {name!r}: skipped, {params.get('user', 'this user')!r} lacks CREATEDB; "
+                f"ask an administrator to run CREATE DATABASE {name} OWNER <owner login>"
+            )
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            return f"database {name!r}: exists ({shown})"
+    return f"database {name!r}: created ({shown})"
+
+
+def _influx_retention(settings: Settings, influx: InfluxClient) -> str:
+    """Give the local server's raw data ENERGY_RAW_RETENTION_DAYS of retention."""
+    from energy_pipeline.influx import quote_ident
+
+    local = f"http://127.0.0.1:{settings.influx_port}"
+    if settings.influx_url.rstrip("/") != local:
+        return "retention policy: left as it is (not the local server)"
+    db = quote_ident(influx.database)
+    rp = settings.influx_retention_policy
+    if not rp:
+        for result in influx.query_json(f"SHOW RETENTION POLICIES ON {db}"):
+            for series in result.get("series", []):
+                cols = series["columns"]
+                rp = next(
+                    (r[cols.index("name")] for r in series["values"] if r[cols.index("default")]),
+                    "",
+                )
+    days = settings.raw_retention_days
+    # Altering the default policy keeps existing points readable (a new policy would hide them).
+    influx.query_json(
+        f"ALTER RETENTION POLICY {quote_ident(rp)} ON {db} DURATION {days}d SHARD DURATION 1d"
+    )
+    return f"retention policy {rp!r}: {days} days"
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    """Databases (if permitted), migrations with roles, DAGSTER_HOME; safe to run again."""
+    from energy_pipeline.migrations import upgrade
+
+    influx = _influx(settings)
+    influx.create_database()
+    print(f"InfluxDB {influx.url}: database {influx.database!r} ready")
+    print(f"InfluxDB {_influx_retention(settings, influx)}")
+    dagster_dsn = "postgresql://" + settings.dagster_pg_url.split("://", 1)[1]
+    for dsn in (settings.pg_dsn, dagster_dsn):
+        print(f"PostgreSQL {_create_pg_database(dsn)}")
+    upgrade(settings.pg_dsn)
+    print("PostgreSQL schema 'energy' at the newest revision, roles in place")
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    target, source = home / "dagster.yaml", PROJECT_ROOT / "dagster.yaml"
+    if not target.exists():
+        shutil.copy(source, target)
+        print(f"DAGSTER_HOME {home}: dagster.yaml written")
+    elif target.read_bytes() == source.read_bytes():
+        print(f"DAGSTER_HOME {home}: dagster.yaml up to date")
+    else:
+        print(f"DAGSTER_HOME {home}: dagster.yaml differs from the project's, kept as it is")
+    print(
+        "\nFor the dagster CLI (dagster dev, dagster-daemon, dagster-webserver):\n"
+        f"  export DAGSTER_HOME={home}\n"
+        f"  export DAGSTER_PG_URL='{redact_dsn(settings.dagster_pg_url)}'"
+        + ("   # *** = the password" if "***" in redact_dsn(settings.dagster_pg_url) else "")
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from energy_pipeline.telemetry_writer import SimulationOptions, run_history, run_live
 
@@ -114,7 +207,8 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
     commands = {
         "simulator": [str(bin_dir / "energy-pipeline"), "simulate", "--devices", str(args.devices)]
         + (["--faults", args.faults] if args.faults else []),
-        "daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
+        # dagster-daemon with logging that stays readable through outages (daemon_logging.py).
+        "daemon": [sys.executable, "-m", "energy_pipeline.daemon_logging", "run", "-w", workspace],
         "webserver": [
             str(bin_dir / "dagster-webserver"),
             "-h",
@@ -195,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply schema migrations to ENERGY_PG_DSN")
     p.set_defaults(func=cmd_migrate)
 
+    p = sub.add_parser(
+        "init", help="set up existing servers: databases, migrations and roles, DAGSTER_HOME"
+    )
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("simulate", help="write simulated device telemetry to InfluxDB")
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--minutes", type=int, default=0, help="write N minutes of history and exit")
@@ -245,8 +344,20 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         return int(args.func(args, settings) or 0)
     except (ConfigError, ServiceError, InfluxError, StorageError) as exc:
-        print(f"energy-pipeline: {exc}", file=sys.stderr)
+        print(f"energy-pipeline: {scrub(str(exc), _env_secrets())}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - a library error may quote a DSN or URL with its password
+        print(scrub(traceback.format_exc(), _env_secrets()), file=sys.stderr)
+        return 1
+
+
+def _env_secrets() -> set[str]:
+    """Passwords and tokens the environment holds, for scrubbing what gets printed."""
+    found: set[str] = set()
+    for name in ("ENERGY_PG_DSN", "DAGSTER_PG_URL", "INFLUXDB_URL"):
+        found |= dsn_secrets(os.environ.get(name, ""))
+    found |= {os.environ.get(n, "") for n in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD")}
+    return {s for s in found if s}
 
 
 if __name__ == "__main__":
