@@ -85,7 +85,7 @@ def _create_pg_database(dsn: str) -> str:
     shown = redact_dsn(dsn)
     for maintenance in ("postgres", "template1"):
         try:
-            conn = connect(make_conninfo(**{**params, "dbname": maintenance}))
+            conn = connect(make_conninfo(dsn, dbname=maintenance))
             break
         except StorageError:
             continue

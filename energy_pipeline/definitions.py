@@ -34,7 +34,7 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
         resources={
             "influxdb": InfluxDBResource(
                 # A URL with userinfo carries a password: keep it an EnvVar too.
-                url=_secret("INFLUXDB_URL", settings.influx_url)
+                url=(_secret("INFLUXDB_URL", settings.influx_url) or settings.influx_url)
                 if "@" in settings.influx_url
                 else settings.influx_url,
                 database=settings.influx_database,

@@ -109,9 +109,18 @@ class InfluxClient:
         backoff_s: float = 0.5,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise InfluxError(f"InfluxDB URL must start with http:// or https://, got {url!r}")
+            # Not echoed: a malformed URL may still carry a password.
+            raise InfluxError("InfluxDB URL must start with http:// or https://")
         if not database:
             raise InfluxError("InfluxDB database name is empty")
+        parts = urllib.parse.urlsplit(url)
+        if "@" in parts.netloc:
+            # Userinfo (http://user:pass@host) is basic auth unless a token or username is given;
+            # it leaves the URL, which errors and repr() show and http.client would not send.
+            if not token and not username:
+                username = urllib.parse.unquote(parts.username or "")
+                password = urllib.parse.unquote(parts.password or "")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.url = url.rstrip("/")
         self._target = urllib.parse.urlsplit(self.url)
         self.database = database

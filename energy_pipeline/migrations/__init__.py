@@ -11,6 +11,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
 
 from energy_pipeline.config import dsn_secrets, redact_dsn, scrub
+from energy_pipeline.storage import StorageError
 
 HERE = Path(__file__).resolve().parent
 # Day partitions of the minute rollup that every `migrate` makes sure exist, around today (UTC).
@@ -18,7 +19,7 @@ PARTITION_DAYS_BEFORE = 1
 PARTITION_DAYS_AFTER = 7
 
 
-class MigrationError(RuntimeError):
+class MigrationError(StorageError):
     """Migrating failed; the message never contains the DSN's password."""
 
 
@@ -32,7 +33,7 @@ def sqlalchemy_url(dsn: str) -> URL:
         raise MigrationError("the PostgreSQL DSN is not a valid connection string")
     host, port = params.pop("host", None), params.pop("port", None)
     # Several hosts (failover) only fit SQLAlchemy's query form.
-    if host and "," in host or port and "," in port:
+    if (host and "," in host) or (port and "," in port):
         params.update({k: v for k, v in (("host", host), ("port", port)) if v})
         host = port = None
     return URL.create(
