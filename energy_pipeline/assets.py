@@ -67,6 +67,7 @@ def build_device_rollup_1m(partitions_def: dg.PartitionsDefinition) -> dg.Assets
                 "rows_written": stats.rows_written,
                 "rejected": stats.rejected,
                 "duplicates_dropped": stats.duplicates_dropped,
+                "queries": stats.queries,
                 **{f"seconds_{k}": round(v, 3) for k, v in stats.seconds.items()},
                 "seconds_in_asset": round(in_asset, 3),
                 "lag_seconds": round(lag_s, 1),
