@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import polars as pl
+import psycopg
 
 from energy_pipeline.config import RUN_TIMEOUT_SECONDS
+from energy_pipeline.influx import InfluxClient
 from energy_pipeline.ledger import ledger_gaps_between
 from energy_pipeline.planning import (
     Cursor,
@@ -29,9 +31,17 @@ from energy_pipeline.scheduling import (
     parse_partition_key,
     partition_key,
 )
-from energy_pipeline.storage import ledger_between, record_late_points_ignored
+from energy_pipeline.sources import current_checksums, late_minutes, out_of_range_counts
+from energy_pipeline.storage import (
+    ledger_between,
+    record_late_points_ignored,
+    record_out_of_range,
+)
 
 ORIGIN_TAG = "energy/origin"
+# Points dated this far ahead of the clock are counted as out of range (a device clock far off);
+# nearer ones are rolled up when their minute comes.
+FUTURE_TOLERANCE = timedelta(hours=1)
 ORIGINS = ("minutes", "repair", "late")
 QUEUED_OR_RUNNING = [
     dg.DagsterRunStatus.QUEUED,
@@ -294,30 +304,24 @@ def build_minute_rollup_sensor(
     return minute_rollup_sensor
 
 
-def late_minutes(influx_counts: pl.DataFrame, ledger: pl.DataFrame) -> pl.DataFrame:
-    """Minutes whose point counts in InfluxDB differ from what their rollup read.
-
-    Returns bucket, the extra points (InfluxDB minus ledger, at least 1) per minute.
-    """
-    counts = influx_counts.with_columns(
-        pl.from_epoch("minute", "ns")
-        .dt.replace_time_zone("UTC")
-        .cast(pl.Datetime("us", "UTC"))
-        .alias("bucket")
-    )
-    joined = ledger.join(counts, on="bucket", how="left", suffix="_influx").with_columns(
-        pl.col("power_w_points_influx").fill_null(0),
-        pl.col("energy_wh_points_influx").fill_null(0),
-    )
-    diff = pl.max_horizontal(
-        (pl.col("power_w_points_influx") - pl.col("power_w_points")).abs(),
-        (pl.col("energy_wh_points_influx") - pl.col("energy_wh_points")).abs(),
-    )
-    return (
-        joined.with_columns(diff.alias("extra_points"))
-        .filter(pl.col("extra_points") > 0)
-        .select("bucket", "extra_points", "late_points_ignored")
-    )
+def _audit_out_of_range(
+    context: dg.SensorEvaluationContext,
+    client: InfluxClient,
+    measurement: str,
+    conn: psycopg.Connection,
+    earliest: datetime,
+    now: datetime,
+) -> None:
+    bounds = {"before": earliest, "after": now + FUTURE_TOLERANCE}
+    counts = out_of_range_counts(client, measurement, bounds["before"], bounds["after"])
+    record_out_of_range(conn, counts, bounds, now)
+    if any(counts.values()):
+        context.log.warning(
+            f"InfluxDB holds {counts['before']} field values older than the first minute "
+            f"partition ({earliest:%Y-%m-%d %H:%M}) and {counts['after']} dated after "
+            f"{bounds['after']:%Y-%m-%d %H:%M}: no rollup will ever read them "
+            "(see energy.raw_out_of_range)"
+        )
 
 
 def build_late_data_sensor(
@@ -338,11 +342,12 @@ def build_late_data_sensor(
         postgres: PostgresResource,
         rollup_settings: RollupSettings,
     ) -> dg.SensorResult | dg.SkipReason:
-        """Compares per-minute point counts in InfluxDB with what each rollup read.
+        """Compares per-minute checksums in InfluxDB with those each rollup was built from.
 
         Counting costs InfluxDB about 0.08 s per minute of 5,000 devices, so each tick checks the
         recent minutes (where late points mostly land) and the whole lateness window plus the audit
-        margin only every `late_full_scan_seconds`.
+        margin only every `late_full_scan_seconds`. The full scan also counts raw points outside
+        every minute partition (a device clock far off) into `energy.raw_out_of_range`.
         """
         now = utcnow()
         cursor = json.loads(context.cursor) if context.cursor else {}
@@ -361,9 +366,12 @@ def build_late_data_sensor(
         )
         if window_end <= horizon:
             return dg.SensorResult(skip_reason="nothing rolled up yet", cursor=new_cursor)
-        counts = influxdb.client().minute_counts(influxdb.measurement, horizon, window_end)
+        client = influxdb.client()
+        current = current_checksums(client, influxdb.measurement, horizon, window_end)
         with postgres.connect() as conn:
-            late = late_minutes(counts, ledger_between(conn, horizon, window_end))
+            late = late_minutes(current, ledger_between(conn, horizon, window_end))
+            if full_scan:
+                _audit_out_of_range(context, client, influxdb.measurement, conn, earliest, now)
             cutoff = now - timedelta(seconds=rollup_settings.lateness_seconds)
             too_late = late.filter(
                 (pl.col("bucket") < cutoff)

@@ -17,6 +17,7 @@ from psycopg import sql
 from energy_pipeline.config import dsn_secrets, scrub
 from energy_pipeline.config import redact_dsn as redact_dsn  # re-exported for the command line
 from energy_pipeline.rollups import LEDGER_COLUMNS, QUARANTINE_SCHEMA, ROLLUP_COLUMNS
+from energy_pipeline.sources import CHECKSUM_COLUMNS, CHECKSUM_SCHEMA
 
 SOURCE_MINUTE_ROLLUP = "device_rollup_1m"
 DEVICE_COLUMNS = ("device_id", "household_id", "name", "model", "location", "timezone", "profile")
@@ -241,24 +242,34 @@ def upsert_devices(conn: psycopg.Connection, devices: pl.DataFrame) -> int:
 
 
 def ledger_between(conn: psycopg.Connection, start: datetime, end: datetime) -> pl.DataFrame:
-    """Ledger rows (bucket, power_w_points, energy_wh_points) for minutes in [start, end)."""
+    """Ledger rows (bucket, the checksums, late_points_ignored) for minutes in [start, end)."""
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT bucket, power_w_points, energy_wh_points, late_points_ignored "
-            "FROM energy.rollup_minutes WHERE bucket >= %s AND bucket < %s ORDER BY bucket",
+            sql.SQL(
+                "SELECT bucket, {}, late_points_ignored FROM energy.rollup_minutes "
+                "WHERE bucket >= %s AND bucket < %s ORDER BY bucket"
+            ).format(sql.SQL(", ").join(map(sql.Identifier, CHECKSUM_COLUMNS))),
             (start, end),
         )
         rows = cur.fetchall()
     return pl.DataFrame(
         rows,
-        schema={
-            "bucket": pl.Datetime("us", "UTC"),
-            "power_w_points": pl.Int64,
-            "energy_wh_points": pl.Int64,
-            "late_points_ignored": pl.Int64,
-        },
+        schema={**CHECKSUM_SCHEMA, "late_points_ignored": pl.Int64},
         orient="row",
     )
+
+
+def record_out_of_range(
+    conn: psycopg.Connection, counts: dict[str, int], bounds: dict[str, datetime], at: datetime
+) -> None:
+    """Store the latest count of raw points outside every minute partition, per side."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO energy.raw_out_of_range (side, bound, points, checked_at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (side) DO UPDATE SET bound = EXCLUDED.bound, "
+            "points = EXCLUDED.points, checked_at = EXCLUDED.checked_at",
+            [(side, bounds[side], n, at) for side, n in counts.items()],
+        )
 
 
 def record_late_points_ignored(
