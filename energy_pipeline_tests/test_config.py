@@ -7,6 +7,7 @@ import os
 import pytest
 
 from energy_pipeline.config import ConfigError, Settings
+from energy_pipeline.migrations import sqlalchemy_url
 from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError, free_port
 from energy_pipeline.storage import StorageError, connect, redact_dsn
 
@@ -72,3 +73,46 @@ def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
     server.stop(timeout_s=1)
     assert not server.pid_file.exists()
     os.kill(os.getpid(), 0)  # still alive
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"INFLUXDB_URL": "127.0.0.1:8086"}, "INFLUXDB_URL must look like http"),
+        ({"INFLUXDB_URL": "http://"}, "INFLUXDB_URL must look like http"),
+        ({"INFLUXDB_URL": "http://host:70000"}, "INFLUXDB_URL: port must be between 1 and 65535"),
+        ({"ENERGY_PG_DSN": "postgresql://u:50%off@db/energy"}, "ENERGY_PG_DSN is not a valid"),
+        ({"ENERGY_PG_DSN": "host=db port=0"}, "ENERGY_PG_DSN: port must be between"),
+        ({"ENERGY_PG_DSN": "postgresql://db:99999/energy"}, "ENERGY_PG_DSN: port must be between"),
+        ({"ENERGY_PG_PORT": "70000"}, "ENERGY_PG_PORT must be between 1 and 65535"),
+        ({"DAGSTER_PG_URL": "postgresql://db/dagster"}, "must start with postgresql\\+psycopg2"),
+    ],
+)
+def test_malformed_urls_and_dsns_fail_at_load_naming_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_key_value_dsns_load_and_migrate(pg_server):
+    dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname=postgres"
+    assert Settings.from_env({"ENERGY_PG_DSN": dsn}).pg_dsn == dsn
+    url = sqlalchemy_url(f"{dsn} password='a b%c' sslmode=prefer")
+    assert (url.host, url.port, url.database, url.password) == (
+        "127.0.0.1", pg_server.port, "postgres", "a b%c"
+    )  # fmt: skip
+    assert url.query == {"sslmode": "prefer"}
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        (
+            "postgresql://etl:s%25c@db/energy?password=x",
+            "postgresql://etl:***@db/energy?password=***",
+        ),
+        ("host=db password='a b' user=etl", "host=db password=*** user=etl"),
+        ("http://user:p@ss@influx:8086/", "http://user:***@influx:8086/"),
+    ],
+)
+def test_every_form_of_password_is_redacted(dsn, shown):
+    assert redact_dsn(dsn) == shown
