@@ -223,6 +223,7 @@ class BufferedWriter:
         delay = self.retry_initial_s
         while (frames := self._take()) is not None:
             batch = frames[0] if len(frames) == 1 else pl.concat(frames)
+            attempted_at = time.monotonic()  # the client's own retries take seconds to give up
             try:
                 write_points(self.influx, batch, self.measurement)
             except InfluxError as exc:
@@ -231,7 +232,7 @@ class BufferedWriter:
                     self.error = exc
                     return
                 if self._outage_since is None:
-                    self._outage_since = time.monotonic()
+                    self._outage_since = attempted_at
                     self.outages += 1
                     self.say(
                         f"live: InfluxDB unreachable ({exc}); buffering points and retrying "
@@ -352,6 +353,8 @@ def run_live(
         "unsent": unsent,
         "outages": writer.outages,
     }
-    if writer.dropped or unsent:
-        _say(f"live: {writer.dropped:,} points dropped (buffer full), {unsent:,} unsent at stop")
+    _say(
+        f"live: stopped after {totals['seconds']} s: {writer.delivered:,} of {totals['points']:,} "
+        f"points delivered, {writer.dropped:,} dropped (buffer full), {unsent:,} unsent at stop"
+    )
     return totals
