@@ -218,7 +218,9 @@ def _report_holes(
             f"a {run.origin} run of {partition_key(run.first)}..{partition_key(run.last)} has "
             f"been {run.status} since {run.since:%Y-%m-%d %H:%M:%S}Z: treated as orphaned"
         )
-    holes = plan.holes or []
+    if plan.holes is None:
+        return []  # no scan on this tick: nothing new to say
+    holes = plan.holes
     if holes:
         context.log.warning(
             f"{plan.hole_minutes} minutes have no rollup (no row in energy.rollup_minutes): "

@@ -239,7 +239,11 @@ def test_minute_older_than_the_lateness_window_without_a_ledger_row_is_repaired(
     (observation,) = result.asset_events
     assert observation.metadata["minutes_without_rollup"].value == 1
     assert partition_key(hole) == observation.metadata["oldest_minute_without_rollup"].value
-    _run(settings, repairs[0], instance)
+    # Within the backoff the ledger is not scanned, and nothing is requested or observed again.
+    quiet = _tick(settings, "minute_rollup_sensor", instance, result.cursor)
+    assert not quiet.run_requests and not quiet.asset_events
+    for request in result.run_requests:
+        _run(settings, request, instance)
     assert fetch_rollups(settings.pg_dsn) == [("d1", hole, "h1", 1, 100.0, 100.0, 100.0, 0.5, 0)]
     # After the backoff the ledger is complete again: no repair, and the count goes back to 0.
     cursor = json.loads(result.cursor) | {"repair_after": 0}
