@@ -38,6 +38,7 @@ from energy_pipeline.influx import (
 FIELDS = ("power_w", "energy_wh", "voltage_v")
 TAGS = ("device_id", "household_id")
 MINUTE = timedelta(minutes=1)
+NS_PER_MINUTE = 60_000_000_000
 # Of two checksums this close, neither saw a different value: InfluxDB's float sums can differ in
 # the last bits between two queries over the same points.
 SUM_RELATIVE_TOLERANCE = 1e-9
@@ -125,12 +126,19 @@ def _sum_alias(column: Column) -> str:
     return f"s__{column.alias}"
 
 
-def checksum_query(measurement: str, columns: Iterable[Column]) -> str:
-    """InfluxQL counting every typed column, and summing the numeric main fields, per minute."""
+def _summed(column: Column) -> bool:
+    return column.kind == "float" and column.field in FIELDS
+
+
+def checksum_query(measurement: str, columns: Iterable[Column], sums: bool = True) -> str:
+    """InfluxQL counting every typed column per minute, and summing the numeric main fields.
+
+    Every aggregate costs InfluxDB a pass over its field's blocks: a sum doubles a count's cost.
+    """
     parts = []
     for c in columns:
         parts.append(f"count({c.expr}) AS {quote_ident(_count_alias(c))}")
-        if c.kind == "float" and c.field in FIELDS:
+        if sums and _summed(c):
             parts.append(f"sum({c.expr}) AS {quote_ident(_sum_alias(c))}")
     return (
         f"SELECT {', '.join(parts)} FROM {quote_ident(measurement)} "
@@ -163,21 +171,21 @@ def column_counts(
     columns: list[Column],
     start: datetime,
     end: datetime,
+    sums: bool = True,
 ) -> pl.DataFrame:
     """InfluxDB's own count of every typed column (and sum of the numeric ones) per minute.
 
     Windows too large for a server limit are halved until they fit.
     """
-    aliases = [_count_alias(c) for c in columns] + [
-        _sum_alias(c) for c in columns if c.kind == "float" and c.field in FIELDS
-    ]
+    aliases = [_count_alias(c) for c in columns]
+    aliases += [_sum_alias(c) for c in columns if sums and _summed(c)]
     schema = {
         "time": pl.Int64(),
         **{a: pl.Int64() if a.startswith("n__") else pl.Float64() for a in aliases},
     }
     try:
         frame = client.query_json_frame(
-            checksum_query(measurement, columns),
+            checksum_query(measurement, columns, sums),
             {"start": to_ns(start), "end": to_ns(end)},
             schema,
         )
@@ -188,22 +196,38 @@ def column_counts(
                 f"limits ({exc}); raise max-select-point / query-timeout on the server"
             ) from exc
         halves = _halves(start, end)
-        return pl.concat([column_counts(client, measurement, columns, *w) for w in halves])
+        return pl.concat(
+            [column_counts(client, measurement, columns, *w, sums=sums) for w in halves]
+        )
     return frame.with_columns(
         pl.col(a).fill_null(0) for a in aliases if a.startswith("n__")
     ).with_columns(pl.col(a).fill_null(0.0) for a in aliases if a.startswith("s__"))
 
 
-def checksums(counts: pl.DataFrame, columns: Iterable[Column]) -> pl.DataFrame:
-    """Per-minute ledger checksums from typed counts: points and sum of each main field."""
+def checksums(
+    counts: pl.DataFrame, columns: Iterable[Column], points: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Per-minute ledger checksums: InfluxDB's count of each main field, and its sum.
+
+    Sums come from InfluxDB's answer when it has them, else from the `points` read (the same
+    values; summed in another order they differ only in the last bits, which the comparison
+    tolerates).
+    """
     columns = list(columns)
+    if points is not None:
+        sums = points.group_by(pl.col("time") // NS_PER_MINUTE * NS_PER_MINUTE).agg(
+            pl.col(f).sum().alias(_sum_alias(Column(f, "float"))) for f in FIELDS
+        )
+        counts = counts.join(sums, on="time", how="left").with_columns(
+            pl.col(_sum_alias(Column(f, "float"))).fill_null(0.0) for f in FIELDS
+        )
     exprs = []
     for f in FIELDS:
         typed = [_count_alias(c) for c in columns if c.field == f]
-        points = pl.sum_horizontal(typed) if typed else pl.lit(0)
+        n = pl.sum_horizontal(typed) if typed else pl.lit(0)
         total = _sum_alias(Column(f, "float"))
         value = pl.col(total) if total in counts.columns else pl.lit(0.0)
-        exprs += [points.cast(pl.Int64).alias(f"{f}_points"), value.alias(f"{f}_sum")]
+        exprs += [n.cast(pl.Int64).alias(f"{f}_points"), value.alias(f"{f}_sum")]
     return counts.select(
         pl.from_epoch("time", "ns").dt.replace_time_zone("UTC").cast(CHECKSUM_SCHEMA["bucket"])
         .alias("bucket"),
@@ -221,7 +245,7 @@ def checksums_differ(left: pl.Expr, right: pl.Expr, is_sum: bool) -> pl.Expr:
 
 def _client_counts(frame: pl.DataFrame, columns: list[Column]) -> pl.DataFrame:
     """What a read holds: non-null values of every typed column per minute."""
-    return frame.group_by((pl.col("time") // 60_000_000_000) * 60_000_000_000).agg(
+    return frame.group_by(pl.col("time") // NS_PER_MINUTE * NS_PER_MINUTE).agg(
         pl.col(c.alias).is_not_null().sum().cast(pl.Int64).alias(_count_alias(c)) for c in columns
     )
 
@@ -265,14 +289,16 @@ def read_window(
     Raises IncompleteReadError when InfluxDB keeps answering short for a minute.
     """
     columns = read_columns(field_types(client, measurement))
-    counts = column_counts(client, measurement, columns, start, end)
+    # Counts prove the read complete; the ledger's sums come from the points read (asking
+    # InfluxDB for them too would double the cost of the check).
+    counts = column_counts(client, measurement, columns, start, end, sums=False)
     # JSON tells an empty string from a missing value; CSV cannot. Only a window holding
     # non-numeric values of a field pays for it.
     other = [_count_alias(c) for c in columns if c.kind != "float"]
     as_json = bool(other) and bool(counts.select(pl.sum_horizontal(other).sum()).item())
     reader = _Reader(client, measurement, columns, counts, as_json)
     points = reader.read(start, end, max(1, parallel))
-    return WindowRead(points, checksums(counts, columns), reader.queries)
+    return WindowRead(points, checksums(counts, columns, points), reader.queries)
 
 
 @dataclass
