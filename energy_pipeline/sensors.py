@@ -386,7 +386,7 @@ def build_late_data_sensor(
                     f"{too_late.height} minutes older than the lateness window; not recomputed, "
                     "recorded in energy.rollup_minutes.late_points_ignored"
                 )
-        busy = in_flight_minutes(context.instance, now)
+        busy = in_flight_minutes(context.instance, now, rollup_settings.run_timeout_seconds)
         due = [
             m for m in late.filter(pl.col("bucket") >= cutoff)["bucket"].to_list() if m not in busy
         ]
@@ -403,6 +403,7 @@ def build_late_data_sensor(
                 rollup_settings.max_range_minutes,
                 "late",
                 f":{int(now.timestamp())}",
+                extra_tags=run_tags(rollup_settings),
             ),
             cursor=new_cursor,
         )
