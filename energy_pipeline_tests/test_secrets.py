@@ -205,3 +205,63 @@ def test_influx_url_userinfo_is_basic_auth_and_never_shown():
         assert_clean(full_text(info.value))
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("which", [0, 1])
+def test_daemon_log_and_compute_logs_keep_the_password_out(settings, pg_server, tmp_path, which):
+    """The Dagster daemon, loading the code with a DSN it cannot use, logs no password."""
+    import shutil
+    import signal
+    import time
+
+    from energy_pipeline.config import PROJECT_ROOT
+
+    dagster_db = f"dagster_{uuid.uuid4().hex[:8]}"
+    pg_server.create_database(dagster_db)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_URL": pg_server.dsn(dagster_db).replace(
+            "postgresql://", "postgresql+psycopg2://"
+        ),
+        "INFLUXDB_URL": settings.influx_url,
+        "INFLUXDB_DATABASE": settings.influx_database,
+        "ENERGY_PG_DSN": dead_dsns(pg_server)[which],
+        "ENERGY_SETTLE_SECONDS": "1",
+    }
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            time.sleep(40)  # code location loads, sensors tick (and fail) several times
+        finally:
+            daemon.send_signal(signal.SIGINT)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+    text = log.read_text(errors="replace")
+    files = [p for p in home.rglob("*") if p.is_file()]
+    assert_clean(text, *(p.read_text(errors="replace") for p in files))
+    import psycopg
+
+    with psycopg.connect(pg_server.dsn(dagster_db)) as conn:
+        rows = conn.execute("SELECT coalesce(string_agg(event, ''), '') FROM event_logs").fetchone()
+        ticks = conn.execute(
+            "SELECT coalesce(string_agg(tick_body, ''), '') FROM job_ticks"
+        ).fetchone()
+    assert_clean(rows, ticks)
+    if which == 0:  # unparsable: the code location refuses to load, naming the variable
+        assert "ENERGY_PG_DSN" in text
+    else:  # parsable but unusable: the sensors tick and fail
+        assert ticks and ticks[0], "the sensors should have ticked"
