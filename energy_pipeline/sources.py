@@ -292,10 +292,10 @@ def read_window(
     # Counts prove the read complete; the ledger's sums come from the points read (asking
     # InfluxDB for them too would double the cost of the check).
     counts = column_counts(client, measurement, columns, start, end, sums=False)
-    # JSON tells an empty string from a missing value; CSV cannot. Only a window holding
-    # non-numeric values of a field pays for it.
+    # JSON tells an empty string from a missing value; CSV cannot. Only minutes holding
+    # non-numeric values of a field pay for it, one minute at a time (JSON costs memory).
     other = [_count_alias(c) for c in columns if c.kind != "float"]
-    as_json = bool(other) and bool(counts.select(pl.sum_horizontal(other).sum()).item())
+    as_json = set(counts.filter(pl.sum_horizontal(other) > 0)["time"].to_list()) if other else set()
     reader = _Reader(client, measurement, columns, counts, as_json)
     points = reader.read(start, end, max(1, parallel))
     return WindowRead(points, checksums(counts, columns, points), reader.queries)
@@ -307,11 +307,14 @@ class _Reader:
     measurement: str
     columns: list[Column]
     counts: pl.DataFrame
-    as_json: bool
+    as_json: set[int]  # minutes (ns) to read as JSON
     queries: int = 0
 
     def read(self, start: datetime, end: datetime, parallel: int) -> pl.DataFrame:
-        frame = self._query(start, end, parallel)
+        json_minutes = {m for m in self.as_json if to_ns(start) <= m < to_ns(end)}
+        if json_minutes and _minutes(start, end) > 1:
+            return pl.concat([self.read(s, e, parallel) for s, e in _halves(start, end)])
+        frame = self._query(start, end, parallel, as_json=bool(json_minutes))
         window = self.counts.filter(
             pl.col("time").is_between(to_ns(start), to_ns(end), closed="left")
         )
@@ -328,7 +331,7 @@ class _Reader:
             "(max-select-point, query-timeout) is cutting answers short; raise it on the server"
         )
 
-    def _query(self, start: datetime, end: datetime, parallel: int) -> pl.DataFrame:
+    def _query(self, start: datetime, end: datetime, parallel: int, as_json: bool) -> pl.DataFrame:
         params = {"start": to_ns(start), "end": to_ns(end)}
         schema = raw_schema(self.columns)
         queries = [
@@ -338,7 +341,7 @@ class _Reader:
 
         def one(q: str) -> pl.DataFrame:
             try:
-                if self.as_json:
+                if as_json:
                     return self.client.query_json_frame(q, params, schema)
                 return self.client.query_frame(q, params, schema)
             except InfluxLimitError:
