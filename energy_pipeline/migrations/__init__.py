@@ -77,12 +77,13 @@ def upgrade(dsn: str, revision: str = "head") -> None:
 
         today = datetime.now(UTC).date()
         with connect(dsn) as conn:
-            create_partitions(
-                conn,
-                "device_rollup_1m",
-                today - timedelta(days=PARTITION_DAYS_BEFORE),
-                today + timedelta(days=PARTITION_DAYS_AFTER),
-            )
+            for table in ("device_rollup_1m", "household_rollup_5m", "device_rollup_1h"):
+                create_partitions(
+                    conn,
+                    table,
+                    today - timedelta(days=PARTITION_DAYS_BEFORE),
+                    today + timedelta(days=PARTITION_DAYS_AFTER),
+                )
 
 
 def downgrade(dsn: str, revision: str) -> None:
