@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from energy_pipeline.config import PROJECT_ROOT, ConfigError, Settings, dsn_secrets, scrub
+from energy_pipeline.devtools.services import LocalInflux, LocalPostgres, ServiceError
 from energy_pipeline.influx import InfluxClient, InfluxError
-from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError
 from energy_pipeline.storage import StorageError, connect, redact_dsn
 
 
@@ -167,7 +167,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from energy_pipeline.telemetry_writer import SimulationOptions, run_history, run_live
+    from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_history, run_live
 
     options = SimulationOptions(
         devices=args.devices,
@@ -189,7 +189,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
     """Services, simulator, Dagster webserver and daemon, kept running until Ctrl-C or SIGTERM."""
-    from energy_pipeline.supervisor import ChildSpec, Supervisor
+    from energy_pipeline.devtools.supervisor import ChildSpec, Supervisor
 
     services_up(settings)
     dagster_home = settings.data_dir / "dagster_home"
@@ -208,7 +208,14 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
         "simulator": [str(bin_dir / "energy-pipeline"), "simulate", "--devices", str(args.devices)]
         + (["--faults", args.faults] if args.faults else []),
         # dagster-daemon with logging that stays readable through outages (daemon_logging.py).
-        "daemon": [sys.executable, "-m", "energy_pipeline.daemon_logging", "run", "-w", workspace],
+        "daemon": [
+            sys.executable,
+            "-m",
+            "energy_pipeline.devtools.daemon_logging",
+            "run",
+            "-w",
+            workspace,
+        ],
         "webserver": [
             str(bin_dir / "dagster-webserver"),
             "-h",
@@ -244,7 +251,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     import json
     from dataclasses import replace
 
-    from energy_pipeline.bench import BenchOptions, BenchTargets, format_table, run_bench
+    from energy_pipeline.devtools.bench import BenchOptions, BenchTargets, format_table, run_bench
 
     opts = BenchOptions.quick() if args.quick else BenchOptions()
     names = ("devices", "minutes", "long_minutes", "readers", "read_seconds", "read_hours",

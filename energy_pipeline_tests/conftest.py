@@ -15,9 +15,9 @@ import pytest
 from psycopg import sql
 
 from energy_pipeline.config import Settings
+from energy_pipeline.devtools.services import LocalInflux, LocalPostgres, free_port
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.migrations import upgrade
-from energy_pipeline.services import LocalInflux, LocalPostgres, free_port
 
 TEMPLATE_DB = "energy_template"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from energy_pipeline.bench import (
+from energy_pipeline.devtools.bench import (
     READ_QUERIES,
     BenchOptions,
     BenchTargets,

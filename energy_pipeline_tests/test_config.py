@@ -7,8 +7,8 @@ import os
 import pytest
 
 from energy_pipeline.config import ConfigError, Settings
+from energy_pipeline.devtools.services import LocalInflux, LocalPostgres, ServiceError, free_port
 from energy_pipeline.migrations import sqlalchemy_url
-from energy_pipeline.services import LocalInflux, LocalPostgres, ServiceError, free_port
 from energy_pipeline.storage import StorageError, connect, redact_dsn
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from energy_pipeline.daemon_logging import OutageThrottle
+from energy_pipeline.devtools.daemon_logging import OutageThrottle
 
 REFUSED = (
     '(psycopg2.OperationalError) connection to server at "127.0.0.1", port 5432 failed: '
@@ -70,7 +70,7 @@ def test_daemon_process_logs_outage_once_and_never_duplicates_dagster_lines() ->
     code = textwrap.dedent(
         f"""
         import logging, sys
-        from energy_pipeline.daemon_logging import install
+        from energy_pipeline.devtools.daemon_logging import install
         install()
         dagster = logging.getLogger("dagster")  # what Dagster's configure_loggers sets up
         handler = logging.StreamHandler(sys.stdout)

@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from energy_pipeline.config import PROJECT_ROOT, dagster_storage_url
-from energy_pipeline.telemetry_writer import SimulationOptions, run_live
+from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
 
 pytestmark = pytest.mark.e2e
 DEVICES = 10

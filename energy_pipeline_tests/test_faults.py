@@ -21,10 +21,10 @@ import pytest
 
 from energy_pipeline import sensors, storage
 from energy_pipeline.definitions import build_definitions
+from energy_pipeline.devtools.lineprotocol import encode_points
+from energy_pipeline.devtools.services import LocalInflux, free_port
+from energy_pipeline.devtools.simulator import build_fleet, generate_points
 from energy_pipeline.influx import InfluxClient, InfluxLimitError, to_ns
-from energy_pipeline.lineprotocol import encode_points
-from energy_pipeline.services import LocalInflux, free_port
-from energy_pipeline.simulator import build_fleet, generate_points
 from energy_pipeline.sources import current_checksums, late_minutes
 from energy_pipeline_tests.helpers import base_minute, fetch_quarantine, materialize_minutes
 

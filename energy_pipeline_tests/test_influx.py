@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
+from energy_pipeline.devtools.lineprotocol import encode_points
+from energy_pipeline.devtools.services import LocalInflux, free_port
 from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident, to_ns
-from energy_pipeline.lineprotocol import encode_points
-from energy_pipeline.services import LocalInflux, free_port
 from energy_pipeline.sources import read_window
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from energy_pipeline.lineprotocol import (
+from energy_pipeline.devtools.lineprotocol import (
     LineProtocolError,
     encode_points,
     escape_measurement,

@@ -20,10 +20,10 @@ import pytest
 from psycopg import sql
 
 from energy_pipeline.config import PROJECT_ROOT, dagster_storage_url
+from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.scheduling import minutes_between, parse_partition_key
 from energy_pipeline.storage import MINUTE_WRITE_LOCK
-from energy_pipeline.telemetry_writer import SimulationOptions, run_live
 
 pytestmark = pytest.mark.e2e
 RUN_TIMEOUT_SECONDS = 20

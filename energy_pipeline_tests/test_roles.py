@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
+from energy_pipeline.devtools.services import LocalPostgres, free_port
 from energy_pipeline.migrations import upgrade
-from energy_pipeline.services import LocalPostgres, free_port
 from energy_pipeline.storage import connect, replace_minutes
 from energy_pipeline_tests.test_partitions import day_start, minute_frames
 

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 from energy_pipeline import storage
+from energy_pipeline.devtools.lineprotocol import encode_points
+from energy_pipeline.devtools.simulator import FAULTS, build_fleet, generate_points, inject_faults
 from energy_pipeline.influx import InfluxClient
-from energy_pipeline.lineprotocol import encode_points
-from energy_pipeline.simulator import FAULTS, build_fleet, generate_points, inject_faults
 from energy_pipeline_tests.helpers import (
     base_minute,
     close,

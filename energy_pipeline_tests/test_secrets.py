@@ -21,8 +21,8 @@ from dagster._utils.error import serializable_error_info_from_exc_info
 
 from energy_pipeline.config import ConfigError, Settings, redact_dsn
 from energy_pipeline.definitions import build_definitions
+from energy_pipeline.devtools.services import LocalInflux, free_port
 from energy_pipeline.influx import InfluxClient, InfluxError
-from energy_pipeline.services import LocalInflux, free_port
 from energy_pipeline.storage import StorageError, connect
 from energy_pipeline_tests.helpers import base_minute, materialize_minutes
 

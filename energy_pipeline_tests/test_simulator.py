@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from energy_pipeline.lineprotocol import encode_points, escape_tag
-from energy_pipeline.simulator import (
+from energy_pipeline.devtools.lineprotocol import encode_points, escape_tag
+from energy_pipeline.devtools.simulator import (
     ABSURD_POWER_W,
     FAULTS,
     HOSTILE_DEVICE_IDS,

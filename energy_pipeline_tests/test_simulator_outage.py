@@ -13,10 +13,15 @@ import polars as pl
 import pytest
 
 from energy_pipeline.config import Settings
+from energy_pipeline.devtools.services import LocalInflux, free_port
+from energy_pipeline.devtools.simulator import build_fleet, generate_points
+from energy_pipeline.devtools.telemetry_writer import (
+    NS,
+    BufferedWriter,
+    SimulationOptions,
+    run_live,
+)
 from energy_pipeline.influx import InfluxClient
-from energy_pipeline.services import LocalInflux, free_port
-from energy_pipeline.simulator import build_fleet, generate_points
-from energy_pipeline.telemetry_writer import NS, BufferedWriter, SimulationOptions, run_live
 
 DEVICES = 10
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from energy_pipeline.supervisor import ChildSpec, RestartPolicy, Supervisor
+from energy_pipeline.devtools.supervisor import ChildSpec, RestartPolicy, Supervisor
 
 FAST = RestartPolicy(initial_s=0.05, max_s=0.4, reset_after_s=30)
 
@@ -80,7 +80,7 @@ def test_sigterm_stops_supervisor_and_children_cleanly(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import signal, subprocess, sys
-            from energy_pipeline.supervisor import ChildSpec, Supervisor
+            from energy_pipeline.devtools.supervisor import ChildSpec, Supervisor
             parent = (
                 "import subprocess, sys, time;"
                 "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']);"

@@ -16,7 +16,7 @@ import polars as pl
 import psycopg
 from psycopg import sql
 
-from energy_pipeline.bench.common import (
+from energy_pipeline.devtools.bench.common import (
     MEASUREMENT,
     RAW_TABLE,
     BenchOptions,
@@ -25,11 +25,11 @@ from energy_pipeline.bench.common import (
     copy_raw,
     pct,
 )
+from energy_pipeline.devtools.services import LocalPostgres
+from energy_pipeline.devtools.simulator import generate_points
 from energy_pipeline.influx import to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
 from energy_pipeline.rollups import roll_up_minutes
-from energy_pipeline.services import LocalPostgres
-from energy_pipeline.simulator import generate_points
 from energy_pipeline.storage import connect, replace_minutes
 
 READ_QUERIES = {

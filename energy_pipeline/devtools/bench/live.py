@@ -16,18 +16,18 @@ from typing import Any
 
 import psycopg
 
-from energy_pipeline.bench.common import (
+from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
+from energy_pipeline.devtools.bench.common import (
     BenchOptions,
     BenchTargets,
     Progress,
     pct,
     prepare_postgres,
 )
-from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
+from energy_pipeline.devtools.simulator import build_fleet
+from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
 from energy_pipeline.influx import quote_ident
-from energy_pipeline.simulator import build_fleet
 from energy_pipeline.storage import connect
-from energy_pipeline.telemetry_writer import SimulationOptions, run_live
 
 
 def _dagster_run_timings(dagster_dsn: str, since: float) -> list[dict[str, float]]:

@@ -19,9 +19,9 @@ import polars as pl
 import requests
 
 from energy_pipeline.config import Settings
+from energy_pipeline.devtools.lineprotocol import encode_points
+from energy_pipeline.devtools.simulator import build_fleet, generate_points, inject_faults
 from energy_pipeline.influx import InfluxClient, InfluxError
-from energy_pipeline.lineprotocol import encode_points
-from energy_pipeline.simulator import build_fleet, generate_points, inject_faults
 from energy_pipeline.storage import connect, upsert_devices
 
 NS = 1_000_000_000

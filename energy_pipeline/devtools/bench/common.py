@@ -11,10 +11,10 @@ from datetime import datetime, timedelta
 import polars as pl
 import psycopg
 
+from energy_pipeline.devtools.simulator import generate_points
+from energy_pipeline.devtools.telemetry_writer import write_points
 from energy_pipeline.influx import InfluxClient, to_ns
-from energy_pipeline.simulator import generate_points
 from energy_pipeline.storage import copy_frame, upsert_devices
-from energy_pipeline.telemetry_writer import write_points
 
 MEASUREMENT = "telemetry"
 RAW_TABLE = "bench_raw_telemetry"

@@ -141,7 +141,7 @@ def install(throttle: OutageThrottle | None = None) -> OutageThrottle:
 
 
 def main() -> int:
-    """`python -m energy_pipeline.daemon_logging run -w …`: dagster-daemon, outages throttled."""
+    """`python -m energy_pipeline.devtools.daemon_logging run -w …`: throttled dagster-daemon."""
     install()
     # Imported after install(): loggers created at import time get the throttle too.
     from dagster._daemon.cli import main as daemon_main

@@ -15,7 +15,8 @@ from typing import Any
 import polars as pl
 import psycopg
 
-from energy_pipeline.bench.common import (
+from energy_pipeline.config import READ_PARALLELISM
+from energy_pipeline.devtools.bench.common import (
     MEASUREMENT,
     RAW_TABLE,
     BenchOptions,
@@ -25,13 +26,12 @@ from energy_pipeline.bench.common import (
     load_dataset,
     wait_for_quiet_influx,
 )
-from energy_pipeline.config import READ_PARALLELISM
+from energy_pipeline.devtools.simulator import build_fleet, generate_points
+from energy_pipeline.devtools.telemetry_writer import write_points
 from energy_pipeline.influx import quote_ident, to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
-from energy_pipeline.simulator import build_fleet, generate_points
 from energy_pipeline.sources import read_window
 from energy_pipeline.storage import connect, upsert_devices
-from energy_pipeline.telemetry_writer import write_points
 
 SCALING_RUNS = 5  # measured minutes per fleet size (their median is reported)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from energy_pipeline.bench.common import (
+from energy_pipeline.devtools.bench.common import (
     BenchOptions,
     BenchTargets,
     Progress,
@@ -23,10 +23,10 @@ from energy_pipeline.bench.common import (
     prepare_postgres,
     wait_for_quiet_influx,
 )
-from energy_pipeline.bench.live import measure_live
-from energy_pipeline.bench.pipeline import measure_minutes, measure_ranged, measure_scaling
-from energy_pipeline.bench.reads import READ_QUERIES, measure_reads
-from energy_pipeline.simulator import build_fleet
+from energy_pipeline.devtools.bench.live import measure_live
+from energy_pipeline.devtools.bench.pipeline import measure_minutes, measure_ranged, measure_scaling
+from energy_pipeline.devtools.bench.reads import READ_QUERIES, measure_reads
+from energy_pipeline.devtools.simulator import build_fleet
 from energy_pipeline.storage import connect
 
 __all__ = ["READ_QUERIES", "BenchOptions", "BenchTargets", "format_table", "run_bench"]
