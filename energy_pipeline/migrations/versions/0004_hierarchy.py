@@ -52,6 +52,9 @@ CREATE TABLE energy.rollup_windows (
     bucket          timestamptz NOT NULL,
     minutes_covered integer NOT NULL CHECK (minutes_covered >= 0),
     minutes_expected integer NOT NULL CHECK (minutes_expected > 0),
+    -- Newest computed_at among the window's ledger rows the computation read (NULL: none). A
+    -- window is stale exactly when the ledger's newest computed_at differs from this value.
+    source_computed_at timestamptz,
     computed_at     timestamptz NOT NULL,
     PRIMARY KEY (grain, bucket)
 );
