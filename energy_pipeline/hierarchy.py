@@ -22,6 +22,8 @@ GRAIN_LENGTH = {HOUSEHOLD_5M: timedelta(minutes=5), DEVICE_1H: timedelta(hours=1
 # Buckets are aligned to UTC (date_trunc on timestamptz would follow the session's TimeZone).
 _ORIGIN = "2000-01-01 00:00:00+00"
 
+# Float sums take their inputs in a fixed order (`sum(x ORDER BY …)`), so a re-run writes
+# bit-identical values whatever plan PostgreSQL picks.
 # The minute rows a window reads; a registered device's household wins over the minute's tag.
 _MINUTES = """
     SELECT r.device_id, r.bucket AS minute,
@@ -39,16 +41,18 @@ WITH m AS ({_MINUTES}),
 per_minute AS (
     -- The household's total draw in a minute: the sum of its devices' mean power. NULL when no
     -- device had a valid sample that minute (such minutes are left out of the average).
-    SELECT household_id, bucket, minute, sum(power_w_avg) AS draw_w
+    SELECT household_id, bucket, minute, sum(power_w_avg ORDER BY device_id) AS draw_w
     FROM m GROUP BY household_id, bucket, minute
 ),
 draw AS (
-    SELECT household_id, bucket, avg(draw_w) AS power_w_avg, max(draw_w) AS power_w_peak
+    SELECT household_id, bucket, avg(draw_w ORDER BY minute) AS power_w_avg,
+           max(draw_w) AS power_w_peak
     FROM per_minute GROUP BY household_id, bucket
 ),
 totals AS (
     SELECT household_id, bucket, count(DISTINCT device_id) AS device_count,
-           sum(sample_count) AS sample_count, sum(energy_wh_sum) AS energy_wh_sum
+           sum(sample_count) AS sample_count,
+           sum(energy_wh_sum ORDER BY device_id, minute) AS energy_wh_sum
     FROM m GROUP BY household_id, bucket
 )
 INSERT INTO energy.household_rollup_5m (household_id, bucket, device_count, sample_count,
@@ -67,8 +71,9 @@ SELECT device_id, bucket,
        (array_agg(household_id ORDER BY minute DESC))[1],
        sum(sample_count),
        -- sample-weighted mean of the minute means = mean over every valid sample of the hour
-       sum(power_w_avg * sample_count) / nullif(sum(sample_count), 0),
-       min(power_w_min), max(power_w_max), sum(energy_wh_sum), sum(rejected_count),
+       sum(power_w_avg * sample_count ORDER BY minute) / nullif(sum(sample_count), 0),
+       min(power_w_min), max(power_w_max), sum(energy_wh_sum ORDER BY minute),
+       sum(rejected_count),
        %(computed_at)s
 FROM m GROUP BY device_id, bucket
 """
