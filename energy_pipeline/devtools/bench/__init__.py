@@ -24,7 +24,12 @@ from energy_pipeline.devtools.bench.common import (
     wait_for_quiet_influx,
 )
 from energy_pipeline.devtools.bench.live import measure_live
-from energy_pipeline.devtools.bench.pipeline import measure_minutes, measure_ranged, measure_scaling
+from energy_pipeline.devtools.bench.pipeline import (
+    measure_late_check,
+    measure_minutes,
+    measure_ranged,
+    measure_scaling,
+)
 from energy_pipeline.devtools.bench.reads import READ_QUERIES, measure_reads
 from energy_pipeline.devtools.simulator import build_fleet
 from energy_pipeline.storage import connect
@@ -71,6 +76,8 @@ def run_bench(
         )
         say(f"measuring {opts.minutes} minutes of compacted history, pipeline and references")
         result["one_minute_history"] = measure_minutes(targets, conn, start, opts.minutes)
+        say("measuring the late-data check over the last 15 minutes of history")
+        result["late_check"] = measure_late_check(targets, start + timedelta(minutes=span - 15), 15)
         if opts.long_minutes:
             say(f"measuring a {opts.long_minutes}-minute ranged run in a child process")
             # Let InfluxDB compact the fresh minutes just written, so the ranged run does not pay.
@@ -105,6 +112,10 @@ def format_table(r: dict[str, Any]) -> str:
         rows += [
             (f"{label}: points", f"{o['points_per_minute']:,}"),
             *((f"{label}: {k} (s, median)", f"{v:.3f}") for k, v in o["stages_s"].items()),
+            (
+                f"{label}:   unverified power/energy read, reference (s)",
+                f"{o['unverified_read_s']:.3f}",
+            ),  # fmt: skip
             (f"{label}: in-asset total (s, median)", f"{o['in_asset_s']:.3f}"),
             (f"{label}: in-asset total (s, worst)", f"{o['in_asset_max_s']:.3f}"),
             (f"{label}: points/s", f"{o['points_per_s']:,.0f}"),
@@ -113,6 +124,14 @@ def format_table(r: dict[str, Any]) -> str:
             (f"{label}: PostgreSQL raw-table GROUP BY (s)", f"{o['pg_raw_groupby_s']:.3f}"),
             (f"{label}:   pipeline / PostgreSQL raw", f"{o['pg_raw_ratio']:.2f}"),
         ]
+    if r.get("late_check"):
+        lc = r["late_check"]
+        rows += [
+            (f"late-data check, {lc['minutes']} min: checksums, count+sum x3 (s)",
+             f"{lc['checksum_s']:.3f}"),
+            (f"late-data check, {lc['minutes']} min: counts of 2 fields, reference (s)",
+             f"{lc['counts_only_s']:.3f}"),
+        ]  # fmt: skip
     if r.get("ranged"):
         g = r["ranged"]
         rows += [

@@ -6,7 +6,7 @@ import os
 import resource
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,9 +28,9 @@ from energy_pipeline.devtools.bench.common import (
 )
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
 from energy_pipeline.devtools.telemetry_writer import write_points
-from energy_pipeline.influx import quote_ident, to_ns
+from energy_pipeline.influx import quote_ident, series_slices, to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
-from energy_pipeline.sources import read_window
+from energy_pipeline.sources import current_checksums, read_window
 from energy_pipeline.storage import connect, upsert_devices
 
 SCALING_RUNS = 5  # measured minutes per fleet size (their median is reported)
@@ -54,12 +54,22 @@ def measure_minutes(
     influx = targets.influx()
     stages: dict[str, list[float]] = {k: [] for k in ("read", "validate", "roll_up", "write")}
     totals, influx_s, pg_s, points = [], [], [], []
+    # The same answer as the pipeline's rollup, voltage included.
     groupby = (
         "SELECT mean(power_w) AS power_w_avg, min(power_w) AS power_w_min, max(power_w) AS "
-        "power_w_max, sum(energy_wh) AS energy_wh_sum, count(power_w) AS sample_count "
+        "power_w_max, sum(energy_wh) AS energy_wh_sum, count(power_w) AS sample_count, "
+        "mean(voltage_v), min(voltage_v), max(voltage_v) "
         f"FROM {quote_ident(MEASUREMENT)} WHERE time >= $start AND time < $end "
         "GROUP BY time(1m), device_id"
     )
+    # The read before it was verified: two fields, no count, no types (what a read used to cost).
+    unverified = [
+        'SELECT "power_w", "energy_wh", "device_id", "household_id" '
+        f"FROM {quote_ident(MEASUREMENT)} "
+        f'WHERE time >= $start AND time < $end{c} GROUP BY "device_id"'
+        for c in series_slices(READ_PARALLELISM)
+    ]
+    unverified_s: list[float] = []
     raw_sql = (
         f"SELECT device_id, date_trunc('minute', time), max(household_id), count(power_w), "
         f"avg(power_w), min(power_w), max(power_w), sum(energy_wh) FROM {RAW_TABLE} "
@@ -88,6 +98,10 @@ def measure_minutes(
         t = time.perf_counter()
         conn.execute(raw_sql, (s, e)).fetchall()
         pg_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(unverified)) as pool:
+            list(pool.map(influx.query_frame, unverified, [params] * len(unverified)))
+        unverified_s.append(time.perf_counter() - t)
     in_asset = statistics.median(totals)
     return {
         "minutes_measured": minutes,
@@ -100,6 +114,7 @@ def measure_minutes(
         "influx_ratio": in_asset / statistics.median(influx_s),
         "pg_raw_groupby_s": statistics.median(pg_s),
         "pg_raw_ratio": in_asset / statistics.median(pg_s),
+        "unverified_read_s": statistics.median(unverified_s),
     }
 
 
@@ -203,3 +218,31 @@ def measure_scaling(
                      "us_per_point": median / points[n] * 1e6})  # fmt: skip
         say(f"  scaling {n} devices: {median:.3f} s/minute")
     return rows
+
+
+def measure_late_check(targets: BenchTargets, start: datetime, minutes: int) -> dict[str, Any]:
+    """The late-data check's InfluxDB query over `minutes` minutes: checksums against counts.
+
+    The checksum (count and sum of three fields) is what the sensor runs; the count of two
+    fields is what it ran before corrected values were detected. Medians of three runs each.
+    """
+    influx = targets.influx()
+    end = start + timedelta(minutes=minutes)
+    counts_only = (
+        'SELECT count("power_w"), count("energy_wh") FROM '
+        f"{quote_ident(MEASUREMENT)} WHERE time >= $start AND time < $end GROUP BY time(1m)"
+    )
+    params = {"start": to_ns(start), "end": to_ns(end)}
+    checksum_s, counts_s = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        current_checksums(influx, MEASUREMENT, start, end)
+        checksum_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        influx.query_json(counts_only, params)
+        counts_s.append(time.perf_counter() - t)
+    return {
+        "minutes": minutes,
+        "checksum_s": statistics.median(checksum_s),
+        "counts_only_s": statistics.median(counts_s),
+    }
