@@ -1,0 +1,399 @@
+"""The BI contract: a `bi_reader` login reads every view and table meant for BI and nothing else,
+the views carry the registry's metadata, and `fresh_as_of` names the newest complete bucket."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+
+from energy_pipeline.devtools.services import LocalPostgres
+
+BI_VIEWS = {"bi_households", "bi_device_minute", "bi_household_5m", "bi_device_hour", "fresh_as_of"}
+# Tables BI may read besides the views: the rollups, the registry, quarantined points (for
+# data-quality dashboards) and the ledgers (completeness per minute and window, audit of reads).
+BI_TABLES = {
+    "devices",
+    "device_rollup_1m",
+    "household_rollup_5m",
+    "device_rollup_1h",
+    "quarantine",
+    "rollup_minutes",
+    "rollup_windows",
+    "raw_out_of_range",
+}
+WRITE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+# What README ("Roles") tells a DBA to run for a BI login: role settings are not inherited.
+BI_LOGIN_SQL = (
+    "CREATE ROLE {user} LOGIN IN ROLE bi_reader",
+    "ALTER ROLE {user} SET default_transaction_read_only = on",
+    "ALTER ROLE {user} SET statement_timeout = '30s'",
+)
+DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)  # has partitions
+T0 = DAY + timedelta(hours=10)
+
+
+def as_user(dsn: str, user: str) -> str:
+    return dsn.replace("postgres@", f"{user}@", 1)
+
+
+@pytest.fixture
+def logins(pg_server: LocalPostgres) -> Iterator[Callable[..., str]]:
+    """Create login roles on the test cluster (trust auth); dropped with what they own."""
+    made: list[str] = []
+
+    def make(prefix: str, statements: tuple[str, ...] = ("CREATE ROLE {user} LOGIN",)) -> str:
+        name = f"u_{prefix}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            for stmt in statements:
+                conn.execute(sql.SQL(stmt).format(user=sql.Identifier(name)))
+        made.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        for name in made:
+            for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datallowconn"):
+                with psycopg.connect(pg_server.dsn(db), autocommit=True) as c:
+                    c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def seed(dsn: str) -> None:
+    """Three devices in two households, one with a stale household tag, and a row per grain."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO energy.devices "
+            "(device_id, household_id, name, model, location, timezone, profile) VALUES "
+            "('d1', 'h1', 'Fridge', 'F-100', 'Kitchen', 'Europe/Berlin', 'fridge'),"
+            "('d2', 'h1', 'Heat pump', 'HP-7', 'Cellar', 'Europe/Berlin', 'hvac'),"
+            "('d3', 'h2', 'Charger', 'EV-2', 'Garage', 'America/New_York', 'ev_charger')"
+        )
+        conn.execute(
+            "INSERT INTO energy.device_rollup_1m (device_id, bucket, household_id, sample_count, "
+            "power_w_avg, power_w_min, power_w_max, energy_wh_sum, rejected_count, computed_at) "
+            "VALUES ('d1', %(t)s, 'h-old', 60, 120, 100, 140, 2, 1, %(c)s),"
+            "       ('d3', %(t)s, 'h2', 60, 7000, 6900, 7100, 116.7, 0, %(c)s)",
+            {"t": T0, "c": T0 + timedelta(seconds=70)},
+        )
+        conn.execute(
+            "INSERT INTO energy.household_rollup_5m (household_id, bucket, device_count, "
+            "sample_count, energy_wh_sum, power_w_avg, power_w_peak, computed_at) "
+            "VALUES ('h1', %(t)s, 2, 600, 40, 480, 520, %(c)s)",
+            {"t": T0, "c": T0 + timedelta(minutes=5, seconds=10)},
+        )
+        conn.execute(
+            "INSERT INTO energy.device_rollup_1h (device_id, bucket, household_id, sample_count, "
+            "power_w_avg, power_w_min, power_w_max, energy_wh_sum, rejected_count, computed_at) "
+            "VALUES ('d2', %(t)s, 'h1', 3600, 300, 0, 2000, 300, 0, %(c)s)",
+            {"t": T0, "c": T0 + timedelta(hours=1, seconds=10)},
+        )
+        conn.execute(
+            "INSERT INTO energy.rollup_windows (grain, bucket, minutes_covered, minutes_expected, "
+            "computed_at) VALUES ('household_rollup_5m', %(t)s, 4, 5, %(c)s),"
+            "                    ('device_rollup_1h', %(t)s, 60, 60, %(c)s)",
+            {"t": T0, "c": T0 + timedelta(hours=1)},
+        )
+
+
+def bi_relations(conn: psycopg.Connection) -> dict[str, str]:
+    """Every table and view of schema `energy` (partitions included) → its kind."""
+    rows = conn.execute(
+        "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'energy' AND c.relkind IN ('r', 'p', 'v', 'm')"
+    ).fetchall()
+    return dict(rows)
+
+
+def test_bi_reader_reads_every_bi_view_and_table(pg_dsn, logins):
+    seed(pg_dsn)
+    user = logins("bi", BI_LOGIN_SQL)
+    with psycopg.connect(pg_dsn) as conn:
+        relations = bi_relations(conn)
+    views = {name for name, kind in relations.items() if kind == "v"}
+    parents = {name for name, kind in relations.items() if kind in ("r", "p")}
+    parents = {name for name in parents if not name.rsplit("_p", 1)[-1].isdigit()}
+    assert views == BI_VIEWS
+    assert parents == BI_TABLES | {"alembic_version"}
+
+    with psycopg.connect(as_user(pg_dsn, user), autocommit=True) as conn:
+        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
+        for name in sorted(relations):
+            query = sql.SQL("SELECT count(*) FROM energy.{}").format(sql.Identifier(name))
+            if name == "alembic_version":  # migration bookkeeping is the owner's alone
+                with pytest.raises(errors.InsufficientPrivilege):
+                    conn.execute(query)
+                continue
+            assert conn.execute(query).fetchone()[0] >= 0, name
+        assert conn.execute("SELECT count(*) FROM energy.bi_device_minute").fetchone()[0] == 2
+        granted = conn.execute(
+            "SELECT c.relname, has_table_privilege(c.oid, 'SELECT'), "
+            "       has_table_privilege(c.oid, %s) "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'energy' AND c.relkind IN ('r', 'p', 'v', 'm')",
+            (", ".join(WRITE_PRIVILEGES),),
+        ).fetchall()
+    for name, may_select, may_write in granted:
+        assert may_select == (name != "alembic_version"), name
+        assert not may_write, name
+
+
+def test_bi_reader_cannot_write_or_create_even_with_read_only_switched_off(pg_dsn, logins):
+    seed(pg_dsn)
+    user = logins("bi", BI_LOGIN_SQL)
+    forbidden = [
+        "INSERT INTO energy.devices (device_id, household_id) VALUES ('x', 'y')",
+        "UPDATE energy.device_rollup_1m SET energy_wh_sum = 0",
+        f"UPDATE energy.device_rollup_1m_p{DAY:%Y%m%d} SET energy_wh_sum = 0",
+        "DELETE FROM energy.quarantine",
+        "DELETE FROM energy.rollup_minutes",
+        "TRUNCATE energy.household_rollup_5m",
+        "INSERT INTO energy.rollup_windows (grain, bucket, minutes_covered, minutes_expected, "
+        "computed_at) VALUES ('device_rollup_1h', now(), 1, 60, now())",
+        "CREATE TABLE energy.x (a integer)",
+        "CREATE VIEW energy.v AS SELECT 1 AS a",
+        "CREATE TABLE public.x (a integer)",
+        "CREATE SCHEMA bi_scratch",
+        "ALTER VIEW energy.fresh_as_of RENAME TO f",
+        "DROP VIEW energy.bi_device_minute",
+        "CREATE FUNCTION energy.f() RETURNS integer LANGUAGE sql AS 'SELECT 1'",
+        "SELECT energy.ensure_day_partitions('energy.device_rollup_1h', '2099-01-01', "
+        "'2099-01-01')",
+    ]
+    with psycopg.connect(as_user(pg_dsn, user), autocommit=True) as conn:
+        # The read-only default is a session setting a client may change; the grants are not.
+        conn.execute("SET default_transaction_read_only = off")
+        for stmt in forbidden:
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(stmt)
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM energy.devices").fetchone()[0] == 3
+        assert conn.execute("SELECT sum(energy_wh_sum) FROM energy.device_rollup_1m").fetchone()[
+            0
+        ] == pytest.approx(118.7)
+
+
+@pytest.fixture
+def dagster_storage(pg_server: LocalPostgres, logins) -> Iterator[tuple[str, str]]:
+    """Dagster's instance storage as deployed: its own database, owned by the login in
+    DAGSTER_PG_URL, with the tables dagster-postgres creates (runs, event logs)."""
+    from dagster_postgres.event_log import PostgresEventLogStorage
+    from dagster_postgres.run_storage import PostgresRunStorage
+
+    owner = logins("dagster")
+    name = f"dagster_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(name), sql.Identifier(owner)
+            )
+        )
+    url = "postgresql+psycopg2://" + as_user(pg_server.dsn(name), owner).split("://", 1)[1]
+    runs = PostgresRunStorage(url)
+    events = PostgresEventLogStorage(url)
+    runs.dispose()
+    events.dispose()
+    yield pg_server.dsn(name), owner
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def test_bi_reader_cannot_read_dagster_storage(dagster_storage, logins):
+    dsn, owner = dagster_storage
+    owner_dsn = as_user(dsn, owner)
+    bi_dsn = as_user(dsn, logins("bi", BI_LOGIN_SQL))
+    with psycopg.connect(owner_dsn) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ]
+        database = conn.execute("SELECT current_database()").fetchone()[0]
+    assert {"runs", "event_logs"} <= set(tables)
+    # PostgreSQL lets every role connect to a new database (CONNECT is granted to PUBLIC), but
+    # none of Dagster's tables is granted to anyone but their owner.
+    with psycopg.connect(bi_dsn, autocommit=True) as conn:
+        for table in tables:
+            with pytest.raises(
+                errors.InsufficientPrivilege, match=f"^permission denied for table {table}$"
+            ):
+                conn.execute(
+                    sql.SQL("SELECT 1 FROM public.{} LIMIT 1").format(sql.Identifier(table))
+                )
+    # README's hardening step for the Dagster database: only its owner connects.
+    with psycopg.connect(owner_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database))
+        )
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(bi_dsn).close()
+    with psycopg.connect(owner_dsn) as conn:  # the owner still does
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+def test_views_carry_the_registry_metadata(pg_dsn, logins):
+    seed(pg_dsn)
+    user = logins("bi", BI_LOGIN_SQL)
+    with psycopg.connect(as_user(pg_dsn, user), autocommit=True) as conn:
+        minute = conn.execute(
+            "SELECT device_id, household_id, tag_household_id, device_name, device_model, "
+            "device_location, device_profile, timezone, bucket, energy_wh_sum, rejected_count "
+            "FROM energy.bi_device_minute ORDER BY device_id"
+        ).fetchall()
+        household = conn.execute(
+            "SELECT household_id, timezone, devices_registered, bucket, device_count, "
+            "energy_wh_sum, power_w_peak, minutes_covered, minutes_expected "
+            "FROM energy.bi_household_5m"
+        ).fetchall()
+        hour = conn.execute(
+            "SELECT device_id, household_id, device_name, device_location, timezone, bucket, "
+            "energy_wh_sum, minutes_covered, minutes_expected FROM energy.bi_device_hour"
+        ).fetchall()
+        households = conn.execute(
+            "SELECT household_id, devices_registered, timezone FROM energy.bi_households "
+            "ORDER BY household_id"
+        ).fetchall()
+        bucket_type = conn.execute(
+            "SELECT DISTINCT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attname = 'bucket' AND a.attrelid = ANY(%s::regclass[])",
+            ([f"energy.{v}" for v in BI_VIEWS - {"bi_households", "fresh_as_of"}],),
+        ).fetchall()
+    assert bucket_type == [("timestamp with time zone",)]
+    # d1's minute carried a stale household tag: the registered household is the one shown.
+    assert minute == [
+        ("d1", "h1", "h-old", "Fridge", "F-100", "Kitchen", "fridge", "Europe/Berlin", T0, 2, 1),
+        ("d3", "h2", "h2", "Charger", "EV-2", "Garage", "ev_charger", "America/New_York", T0,
+         116.7, 0),
+    ]  # fmt: skip
+    assert household == [("h1", "Europe/Berlin", 2, T0, 2, 40, 520, 4, 5)]
+    assert hour == [("d2", "h1", "Heat pump", "Cellar", "Europe/Berlin", T0, 300, 60, 60)]
+    assert households == [("h1", 2, "Europe/Berlin"), ("h2", 1, "America/New_York")]
+
+
+def test_household_timezone_is_the_one_most_of_its_devices_have(pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO energy.devices (device_id, household_id, timezone) VALUES "
+            "('a', 'h', 'Europe/Paris'), ('b', 'h', 'Europe/Berlin'), ('c', 'h', 'Europe/Paris'),"
+            "('d', 'tie', 'Europe/Paris'), ('e', 'tie', 'Europe/Berlin')"
+        )
+        rows = conn.execute(
+            "SELECT household_id, devices_registered, timezone FROM energy.bi_households "
+            "ORDER BY household_id"
+        ).fetchall()
+    assert rows == [("h", 3, "Europe/Paris"), ("tie", 2, "Europe/Berlin")]
+
+
+def minutes(*offsets: int) -> list[datetime]:
+    return [T0 + timedelta(minutes=m) for m in offsets]
+
+
+def test_fresh_as_of_names_the_newest_complete_bucket_per_table(pg_dsn, logins):
+    user = logins("bi", BI_LOGIN_SQL)
+    bi_dsn = as_user(pg_dsn, user)
+    order = ["device_rollup_1m", "quarantine", "household_rollup_5m", "device_rollup_1h"]
+
+    def fresh() -> dict[str, tuple]:
+        with psycopg.connect(bi_dsn) as conn:
+            rows = conn.execute(
+                "SELECT table_name, grain, newest_bucket, fresh_through, computed_at, "
+                "lag = now() - fresh_through, missing_24h FROM energy.fresh_as_of"
+            ).fetchall()
+        assert [r[0] for r in rows] == order
+        return {r[0]: r[1:] for r in rows}
+
+    # Nothing rolled up yet: every table is listed, with no bucket.
+    empty = fresh()
+    assert {name: row[1:] for name, row in empty.items()} == dict.fromkeys(
+        order, (None, None, None, None, None)
+    )
+
+    # Minutes 10:00-10:12 with 10:05, 10:10 and 10:11 missing; 10:12 was computed last.
+    present = minutes(0, 1, 2, 3, 4, 6, 7, 8, 9, 12)
+    windows = [
+        # 10:00 covered every minute; 10:05 and 10:10 are missing some.
+        ("household_rollup_5m", T0, 5, 5, T0 + timedelta(minutes=5, seconds=9)),
+        ("household_rollup_5m", T0 + timedelta(minutes=5), 4, 5, T0 + timedelta(minutes=10)),
+        ("household_rollup_5m", T0 + timedelta(minutes=10), 1, 5, T0 + timedelta(minutes=15)),
+        ("device_rollup_1h", T0 - timedelta(hours=2), 60, 60, T0 - timedelta(minutes=59)),
+        ("device_rollup_1h", T0 - timedelta(hours=1), 58, 60, T0 + timedelta(minutes=1)),
+    ]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO energy.rollup_minutes (bucket, points_read, power_w_points, "
+                "energy_wh_points, duplicates_dropped, rejected, devices, computed_at) "
+                "VALUES (%s, 60, 60, 60, 0, 0, 1, %s)",
+                [(m, m + timedelta(seconds=7)) for m in present],
+            )
+            cur.executemany(
+                "INSERT INTO energy.rollup_windows (grain, bucket, minutes_covered, "
+                "minutes_expected, computed_at) VALUES (%s, %s, %s, %s, %s)",
+                windows,
+            )
+    got = fresh()
+    newest_minute = T0 + timedelta(minutes=12)
+    minute_row = (
+        timedelta(minutes=1),
+        newest_minute,
+        newest_minute + timedelta(minutes=1),
+        newest_minute + timedelta(seconds=7),
+        True,
+        3,  # 10:05, 10:10, 10:11 (the ledger starts at 10:00)
+    )
+    assert got["device_rollup_1m"] == minute_row
+    assert got["quarantine"] == minute_row
+    assert got["household_rollup_5m"] == (
+        timedelta(minutes=5),
+        T0,
+        T0 + timedelta(minutes=5),
+        T0 + timedelta(minutes=5, seconds=9),
+        True,
+        0,  # the complete windows start at 10:00
+    )
+    assert got["device_rollup_1h"] == (
+        timedelta(hours=1),
+        T0 - timedelta(hours=2),
+        T0 - timedelta(hours=1),
+        T0 - timedelta(minutes=59),
+        True,
+        0,
+    )
+
+    # The hour's missing minutes are rolled up; the window is recomputed complete.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE energy.rollup_windows SET minutes_covered = 60, computed_at = %s "
+            "WHERE grain = 'device_rollup_1h' AND bucket = %s",
+            (T0 + timedelta(minutes=20), T0 - timedelta(hours=1)),
+        )
+    assert fresh()["device_rollup_1h"][1:4] == (
+        T0 - timedelta(hours=1),
+        T0,
+        T0 + timedelta(minutes=20),
+    )
+
+
+def test_fresh_as_of_counts_missing_buckets_over_24_hours_only(pg_dsn):
+    # A ledger older than a day: only the 24 hours ending at the newest bucket count.
+    newest = T0
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO energy.rollup_minutes (bucket, points_read, power_w_points, "
+            "energy_wh_points, duplicates_dropped, rejected, devices, computed_at) "
+            "SELECT m, 1, 1, 1, 0, 0, 1, m FROM generate_series("
+            "%(n)s::timestamptz - interval '2 days', %(n)s::timestamptz, interval '1 minute') m "
+            "WHERE m NOT IN (%(n)s::timestamptz - interval '1 hour', "
+            "                %(n)s::timestamptz - interval '30 hours')",
+            {"n": newest},
+        )
+        row = conn.execute(
+            "SELECT newest_bucket, missing_24h FROM energy.fresh_as_of "
+            "WHERE table_name = 'device_rollup_1m'"
+        ).fetchone()
+    assert row == (newest, 1)
