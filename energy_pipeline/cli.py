@@ -285,6 +285,90 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _shown(value: str) -> str:
+    """A tag value as printed: quoted when spaces or control characters would hide its edges."""
+    return (
+        repr(value) if not value.isprintable() or value != value.strip() or " " in value else value
+    )
+
+
+def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
+    """Device registry: import a CSV, or list (and register) devices InfluxDB has seen."""
+    from energy_pipeline.registry import (
+        RegistryError,
+        discover,
+        import_device_file,
+        parse_duration,
+        register_discovered,
+    )
+
+    if args.action == "import":
+        path = Path(args.file)
+        if not path.is_file():
+            print(f"energy-pipeline: {path}: no such file", file=sys.stderr)
+            return 2
+        try:
+            with connect(settings.pg_dsn) as conn:
+                result = import_device_file(conn, path)
+        except RegistryError as exc:
+            print(f"energy-pipeline: {path} was not imported (nothing written):", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {path}: {problem}", file=sys.stderr)
+            return 2
+        print(
+            f"{path}: {result.added} devices added, {result.updated} updated, "
+            f"{result.unchanged} unchanged"
+        )
+        return 0
+
+    try:
+        window = parse_duration(args.since)
+    except ValueError as exc:
+        print(f"energy-pipeline: --since: {exc}", file=sys.stderr)
+        return 2
+    since = datetime.now(UTC) - window
+    with connect(settings.pg_dsn) as conn:
+        found = discover(conn, _influx(settings), settings.influx_measurement, since)
+        if args.register:
+            register_discovered(conn, found)
+    print(
+        f"InfluxDB {settings.influx_url} database {settings.influx_database!r}, measurement "
+        f"{settings.influx_measurement!r}, points since {since:%Y-%m-%d %H:%M:%S}Z ({args.since})"
+    )
+    print(f"\nunregistered devices: {found.unknown.height}")
+    for device, household, points in found.unknown.iter_rows():
+        print(f"  {_shown(device)}  household {_shown(household)}  {points} points")
+    if found.ambiguous.height:
+        print(
+            f"\nunregistered, seen with several households (not registered by --register; "
+            f"import them from a CSV): {found.ambiguous.height}"
+        )
+        for device, households, points in found.ambiguous.iter_rows():
+            print(
+                f"  {_shown(device)}  households {', '.join(map(_shown, households))}  "
+                f"{points} points"
+            )
+    print(
+        f"\nregistered devices whose tag household differs from the registry: "
+        f"{found.mismatched.height} (the registered household is used)"
+    )
+    for device, registered, tagged, points in found.mismatched.iter_rows():
+        print(
+            f"  {_shown(device)}  registered {_shown(registered)}  tagged {_shown(tagged)}  "
+            f"{points} points"
+        )
+    if found.unregistrable.height:
+        print(
+            f"\ntag pairs no registry row can match (empty, NUL or invalid UTF-8; their points "
+            f"are quarantined): {found.unregistrable.height}"
+        )
+    if args.register:
+        print(f"\nregistered {len(found.registered)} devices with their tag household")
+    elif found.unknown.height:
+        print("\nrun again with --register to register them with their tag household")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energy-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: Ctrl-C)")
     p.set_defaults(func=cmd_live)
+
+    p = sub.add_parser("devices", help="device registry: import a CSV, discover InfluxDB's devices")
+    dev = p.add_subparsers(dest="action", required=True)
+    d = dev.add_parser("import", help="upsert devices from a CSV (header required)")
+    d.add_argument(
+        "file", help="CSV: device_id,household_id[,name,model,location,timezone,profile]"
+    )
+    d = dev.add_parser("discover", help="list device/household tags InfluxDB saw, not registered")
+    d.add_argument(
+        "--since", default="24h", help="how far back to look (30m, 24h, 7d; default 24h)"
+    )
+    d.add_argument("--register", action="store_true", help="register the unknown devices")
+    p.set_defaults(func=cmd_devices)
     return parser
 
 
