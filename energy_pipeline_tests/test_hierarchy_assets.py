@@ -112,7 +112,13 @@ def test_definitions_load_with_lineage_to_the_minute_asset():
             assets=[dg.AssetSpec("device_rollup_1m")],
             resources={"postgres": PostgresResource(dsn="postgresql://127.0.0.1/unused")},
         ),
-    ).resolve_asset_graph()
+    )
+    assert {j.name for j in graph.resolve_all_job_defs()} >= {
+        "household_rollup_5m_job",
+        "device_rollup_1h_job",
+    }
+    assert graph.resolve_sensor_def("hierarchy_sensor")
+    graph = graph.resolve_asset_graph()
     for grain in (HOUSEHOLD_5M, DEVICE_1H):
         assert graph.get(dg.AssetKey(grain)).parent_keys == {dg.AssetKey("device_rollup_1m")}
     assert {k.name for k in graph.asset_check_keys} == {SUMS_MATCH_MINUTES, MINUTES_COVERED}
@@ -196,6 +202,7 @@ def test_incomplete_window_warns_through_the_coverage_check(pg_dsn, minutes_hour
 
 def execute(dsn: str, request: dg.RunRequest, instance: dg.DagsterInstance) -> None:
     grain = request.tags[GRAIN_TAG]
+    assert request.job_name == f"{grain}_job"
     result = run(dsn, grain, request.partition_key, dict(request.tags), instance)
     assert result.success
 
