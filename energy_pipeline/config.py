@@ -142,6 +142,15 @@ READ_PARALLELISM = 2
 RUN_TIMEOUT_SECONDS = 900
 
 
+SECRET_VARIABLES = (
+    "INFLUXDB_URL",
+    "INFLUXDB_TOKEN",
+    "INFLUXDB_USERNAME",
+    "INFLUXDB_PASSWORD",
+    "ENERGY_PG_DSN",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the pipeline and the local stack need to know about their surroundings."""
@@ -166,6 +175,9 @@ class Settings:
     read_parallelism: int = READ_PARALLELISM
     run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
+    # from the environment: Dagster gets them as EnvVars, resolved at run time.
+    env_secrets: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:  # URLs and DSNs may carry passwords
         shown = ", ".join(
@@ -216,6 +228,10 @@ class Settings:
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")
                 if env.get(k)
             },
+            # A URL is a secret only when it carries userinfo.
+            env_secrets=frozenset(
+                k for k in SECRET_VARIABLES if env.get(k) and (k != "INFLUXDB_URL" or "@" in env[k])
+            ),
         )
         if settings.raw_retention_days * 1440 > 95_000:
             raise ConfigError(

@@ -12,12 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import polars as pl
 import psycopg
 
-from energy_pipeline.config import READ_PARALLELISM
-from energy_pipeline.influx import InfluxClient
 from energy_pipeline.rollups import roll_up_minutes
-from energy_pipeline.sources import WindowRead, read_window
+from energy_pipeline.sources import RawSource, WindowRead
 from energy_pipeline.storage import registered_devices, replace_minutes
 
 
@@ -38,6 +37,8 @@ class WindowStats:
     seconds: dict[str, float] = field(
         default_factory=lambda: {"read": 0.0, "validate": 0.0, "roll_up": 0.0, "write": 0.0}
     )
+    # The ledger rows written, one per minute: each minute's own figures.
+    per_minute: pl.DataFrame = field(default_factory=pl.DataFrame)
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -56,23 +57,22 @@ def chunk_windows(
 
 
 def process_window(
-    influx: InfluxClient,
+    source: RawSource,
     conn: psycopg.Connection,
-    measurement: str,
     start: datetime,
     end: datetime,
     chunk_minutes: int = 5,
     log: Callable[[str], None] | None = None,
-    read_parallelism: int = READ_PARALLELISM,
 ) -> WindowStats:
     """Roll up every minute of [start, end) and replace those minutes in PostgreSQL."""
     stats = WindowStats(start, end)
+    ledgers: list[pl.DataFrame] = []
     devices = registered_devices(conn)
     chunks = chunk_windows(start, end, chunk_minutes)
 
     def read(window: tuple[datetime, datetime]) -> tuple[WindowRead, float]:
         t = time.perf_counter()
-        got = read_window(influx, measurement, *window, parallel=read_parallelism)
+        got = source.read(*window)
         return got, time.perf_counter() - t
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influx-read") as pool:
@@ -105,9 +105,11 @@ def process_window(
             stats.rejected += batch.rejected
             stats.duplicates_dropped += batch.duplicates_dropped
             stats.chunks += 1
+            ledgers.append(batch.ledger)
             if log is not None and len(chunks) > 1:
                 log(
                     f"chunk {i + 1}/{len(chunks)} {c_start:%H:%M}-{c_end:%H:%M}: "
                     f"{batch.points_read} points, {batch.rollups.height} rows"
                 )
+    stats.per_minute = pl.concat(ledgers) if ledgers else pl.DataFrame()
     return stats

@@ -34,7 +34,7 @@ WAITING, STARTING, STARTED, QUEUED = "NOT_STARTED", "STARTING", "STARTED", "QUEU
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """The knobs the planner needs, from `RollupSettings` and the partitions definition."""
+    """The knobs the planner needs, from `MinuteSensorSettings` and the partitions definition."""
 
     earliest: datetime
     settle_seconds: int
@@ -224,3 +224,54 @@ def describe_ranges(ranges: Sequence[Range], fmt: str = "%Y-%m-%d %H:%M", limit:
     if len(ranges) > limit:
         parts.append(f"and {len(ranges) - limit} more")
     return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class LateCheck:
+    """Which minutes one tick of the late-data sensor compares, and the cursor to store."""
+
+    start: datetime
+    end: datetime
+    full_scan: bool
+    full_scan_at: float
+
+
+def plan_late_check(
+    full_scan_at: float,
+    now: datetime,
+    earliest: datetime,
+    settle_seconds: int,
+    lateness_seconds: int,
+    audit_extra_seconds: int,
+    recent_seconds: int,
+    full_scan_seconds: int,
+) -> LateCheck | None:
+    """The window to compare: recent minutes every tick, the whole lateness window plus the
+    audit margin every `full_scan_seconds`; None when no minute is due yet."""
+    full_scan = now.timestamp() - full_scan_at >= full_scan_seconds
+    reach = (
+        lateness_seconds + audit_extra_seconds
+        if full_scan
+        else min(recent_seconds, lateness_seconds)
+    )
+    start = floor_minute(max(earliest, now - timedelta(seconds=reach)))
+    end = newest_due_minute(now, settle_seconds) + MINUTE
+    if end <= start:
+        return None
+    return LateCheck(start, end, full_scan, now.timestamp() if full_scan else full_scan_at)
+
+
+def split_late(
+    late: Sequence[tuple[datetime, int, int]],
+    now: datetime,
+    lateness_seconds: int,
+    busy: Iterable[datetime],
+) -> tuple[list[datetime], list[tuple[datetime, int]]]:
+    """Minutes whose checksums changed, as (bucket, extra points, points already recorded):
+    those to recompute (inside the lateness window, not in a live run) and those only to record
+    as ignored (past it, with a count not yet recorded)."""
+    cutoff = now - timedelta(seconds=lateness_seconds)
+    in_flight = set(busy)
+    due = [b for b, _, _ in late if b >= cutoff and b not in in_flight]
+    ignored = [(b, n) for b, n, recorded in late if b < cutoff and n != recorded]
+    return due, ignored

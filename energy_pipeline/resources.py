@@ -1,11 +1,13 @@
-"""Dagster resources wrapping InfluxDB and PostgreSQL, plus the pipeline's tunable settings."""
+"""Dagster resources for the systems the pipeline talks to: InfluxDB and PostgreSQL."""
 
 from __future__ import annotations
 
 import dagster as dg
 import psycopg
 
+from energy_pipeline.config import READ_PARALLELISM
 from energy_pipeline.influx import InfluxClient
+from energy_pipeline.sources import RawSource
 from energy_pipeline.storage import connect
 
 
@@ -16,6 +18,8 @@ class InfluxDBResource(dg.ConfigurableResource):
     database: str
     retention_policy: str = ""
     measurement: str = "telemetry"
+    # Concurrent queries per read, each over a disjoint slice of the series (influx.py).
+    read_parallelism: int = READ_PARALLELISM
     username: str | None = None
     password: str | None = None
     token: str | None = None
@@ -32,6 +36,10 @@ class InfluxDBResource(dg.ConfigurableResource):
             timeout_s=self.timeout_s,
         )
 
+    def source(self) -> RawSource:
+        """The raw telemetry: the measurement, read `read_parallelism` slices at a time."""
+        return RawSource(self.client(), self.measurement, self.read_parallelism)
+
 
 class PostgresResource(dg.ConfigurableResource):
     """PostgreSQL database holding the `energy` schema."""
@@ -40,18 +48,3 @@ class PostgresResource(dg.ConfigurableResource):
 
     def connect(self) -> psycopg.Connection:
         return connect(self.dsn)
-
-
-class RollupSettings(dg.ConfigurableResource):
-    """How the minute roll-up and its sensors pace themselves (defaults: `config.Settings`)."""
-
-    settle_seconds: int
-    lateness_seconds: int
-    late_audit_extra_seconds: int
-    late_recent_seconds: int
-    late_full_scan_seconds: int
-    max_range_minutes: int
-    chunk_minutes: int
-    read_parallelism: int
-    raw_retention_days: int
-    run_timeout_seconds: int

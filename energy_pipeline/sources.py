@@ -368,6 +368,27 @@ class _Reader:
         return pl.concat([conform(f, schema) for f in frames], rechunk=False)
 
 
+@dataclass(frozen=True)
+class RawSource:
+    """Where raw points come from: a measurement of an InfluxDB database, read in slices."""
+
+    client: InfluxClient
+    measurement: str
+    parallel: int = 1
+
+    def read(self, start: datetime, end: datetime) -> WindowRead:
+        """Every raw point in [start, end), verified complete (see `read_window`)."""
+        return read_window(self.client, self.measurement, start, end, self.parallel)
+
+    def checksums(self, start: datetime, end: datetime) -> pl.DataFrame:
+        """InfluxDB's checksums of every minute in [start, end) as they are now."""
+        return current_checksums(self.client, self.measurement, start, end)
+
+    def out_of_range(self, before: datetime, after: datetime) -> dict[str, int]:
+        """Points older than `before` or newer than `after` (see `out_of_range_counts`)."""
+        return out_of_range_counts(self.client, self.measurement, before, after)
+
+
 def late_minutes(current: pl.DataFrame, ledger: pl.DataFrame) -> pl.DataFrame:
     """Minutes whose checksums in InfluxDB now differ from those their rollup was built from.
 

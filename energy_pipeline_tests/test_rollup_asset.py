@@ -75,11 +75,19 @@ def test_rollup_equals_independent_computation_of_messy_points(settings, influx_
     rejected_known = sum(v["rejected_count"] for v in expected.values())
     unknown_devices = sum(1 for r in quarantine if "unknown device" in r[-1])
     assert len(quarantine) == rejected_known + unknown_devices
-    meta = result.get_asset_materialization_events()[0].materialization.metadata
-    assert meta["rejected"].value == len(quarantine)
-    assert meta["rows_written"].value == len(expected)
-    for stage in ("read", "validate", "roll_up", "write"):
-        assert meta[f"seconds_{stage}"].value >= 0
+    # One materialization per minute, each with that minute's own figures.
+    events = [e.materialization for e in result.get_asset_materialization_events()]
+    by_minute = {e.partition: {k: v.value for k, v in e.metadata.items()} for e in events}
+    assert len(events) == len(by_minute) == 3
+    for minute in range(3):
+        key = (first + timedelta(minutes=minute)).strftime("%Y-%m-%d-%H:%M")
+        bucket = first + timedelta(minutes=minute)
+        meta = by_minute[key]
+        assert meta["rejected"] == sum(1 for q in quarantine if q[0] == bucket)
+        assert meta["rows_written"] == sum(1 for k in expected if k[1] == bucket)
+        assert meta["run_minutes"] == 3
+        for stage in ("read", "validate", "roll_up", "write"):
+            assert meta[f"run_seconds_{stage}"] >= 0
 
 
 def test_rerun_gives_identical_rows_and_ranged_run_equals_minute_runs(settings, influx_db):

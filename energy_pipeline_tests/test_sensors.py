@@ -10,8 +10,8 @@ import dagster as dg
 import psycopg
 import pytest
 
-from energy_pipeline import sensors
 from energy_pipeline.definitions import build_definitions
+from energy_pipeline.defs.minute_rollups import sensors
 from energy_pipeline.scheduling import MINUTE, parse_partition_key, partition_key
 from energy_pipeline_tests.helpers import base_minute, fetch_rollups, materialize_minutes
 
@@ -157,7 +157,7 @@ def test_late_points_beyond_window_are_counted_not_recomputed(settings, influx_d
 
 
 def test_partition_set_is_bounded_to_the_retention_window():
-    from energy_pipeline.assets import build_minute_partitions
+    from energy_pipeline.defs.minute_rollups.partitions import build_minute_partitions
 
     for days in (1, 30, 65):
         now = datetime(2026, 11, 24, 13, 37, 5, tzinfo=UTC)

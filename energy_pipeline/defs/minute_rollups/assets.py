@@ -1,26 +1,22 @@
-"""Dagster assets: the per-device minute rollup."""
+"""The per-device minute rollup asset."""
 
 from datetime import UTC, datetime
 
 import dagster as dg
 
+from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings
 from energy_pipeline.ingest import process_window
-from energy_pipeline.resources import InfluxDBResource, PostgresResource, RollupSettings
-from energy_pipeline.scheduling import PARTITION_FMT, partitions_start
+from energy_pipeline.resources import InfluxDBResource, PostgresResource
+from energy_pipeline.scheduling import partition_key
 
 ROLLUP_GROUP = "rollups"
-
-
-def build_minute_partitions(
-    now: datetime, retention_days: int
-) -> dg.TimeWindowPartitionsDefinition:
-    """UTC minute partitions covering the raw-data retention window up to the last closed minute."""
-    return dg.TimeWindowPartitionsDefinition(
-        cron_schedule="* * * * *",
-        start=partitions_start(now, retention_days),
-        fmt=PARTITION_FMT,
-        timezone="UTC",
-    )
+# Each minute's own figures, recorded on that minute's materialization.
+PER_MINUTE = {
+    "points_read": "points_read",
+    "rows_written": "devices",
+    "rejected": "rejected",
+    "duplicates_dropped": "duplicates_dropped",
+}
 
 
 def build_device_rollup_1m(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -38,39 +34,39 @@ def build_device_rollup_1m(partitions_def: dg.PartitionsDefinition) -> dg.Assets
         context: dg.AssetExecutionContext,
         influxdb: InfluxDBResource,
         postgres: PostgresResource,
-        rollup_settings: RollupSettings,
+        minute_runs: MinuteRunSettings,
     ) -> dg.MaterializeResult:
         """Per-device minute rollups of raw InfluxDB telemetry in `energy.device_rollup_1m`."""
         window = context.partition_time_window
         start, end = window.start.astimezone(UTC), window.end.astimezone(UTC)
         with postgres.connect() as conn:
             stats = process_window(
-                influxdb.client(),
+                influxdb.source(),
                 conn,
-                influxdb.measurement,
                 start,
                 end,
-                chunk_minutes=rollup_settings.chunk_minutes,
-                read_parallelism=rollup_settings.read_parallelism,
+                chunk_minutes=minute_runs.chunk_minutes,
                 log=context.log.info,
             )
-        lag_s = (datetime.now(UTC) - end).total_seconds()
-        in_asset = sum(stats.seconds.values())
         if stats.rejected:
             context.log.warning(f"{stats.rejected} points quarantined in energy.quarantine")
+        # A ranged run's result lands on every minute it covers: each minute gets its own
+        # figures instead, so per-partition plots show minutes, not run totals.
+        for row in stats.per_minute.iter_rows(named=True):
+            context.add_asset_metadata(
+                {name: int(row[column]) for name, column in PER_MINUTE.items()},
+                partition_key=partition_key(row["bucket"]),
+            )
+        lag_s = (datetime.now(UTC) - end).total_seconds()
         return dg.MaterializeResult(
             metadata={
-                "window_start": start.isoformat(),
-                "window_end": end.isoformat(),
-                "minutes": int((end - start).total_seconds() // 60),
-                "points_read": stats.points_read,
-                "rows_written": stats.rows_written,
-                "rejected": stats.rejected,
-                "duplicates_dropped": stats.duplicates_dropped,
-                "queries": stats.queries,
-                **{f"seconds_{k}": round(v, 3) for k, v in stats.seconds.items()},
-                "seconds_in_asset": round(in_asset, 3),
-                "lag_seconds": round(lag_s, 1),
+                "run_window_start": start.isoformat(),
+                "run_window_end": end.isoformat(),
+                "run_minutes": stats.per_minute.height,
+                "run_queries": stats.queries,
+                **{f"run_seconds_{k}": round(v, 3) for k, v in stats.seconds.items()},
+                "run_seconds_in_asset": round(sum(stats.seconds.values()), 3),
+                "run_lag_seconds": round(lag_s, 1),
             }
         )
 

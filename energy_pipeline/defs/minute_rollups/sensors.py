@@ -5,11 +5,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
-import polars as pl
 import psycopg
 
 from energy_pipeline.config import RUN_TIMEOUT_SECONDS
-from energy_pipeline.influx import InfluxClient
+from energy_pipeline.defs.minute_rollups.settings import MinuteSensorSettings
 from energy_pipeline.ledger import ledger_gaps_between
 from energy_pipeline.planning import (
     Cursor,
@@ -19,19 +18,20 @@ from energy_pipeline.planning import (
     RunInFlight,
     describe_ranges,
     is_orphan,
+    plan_late_check,
     plan_minutes,
     repair_window,
+    split_late,
 )
-from energy_pipeline.resources import InfluxDBResource, PostgresResource, RollupSettings
+from energy_pipeline.resources import InfluxDBResource, PostgresResource
 from energy_pipeline.scheduling import (
-    MINUTE,
     contiguous_ranges,
     minutes_between,
     newest_due_minute,
     parse_partition_key,
     partition_key,
 )
-from energy_pipeline.sources import current_checksums, late_minutes, out_of_range_counts
+from energy_pipeline.sources import RawSource, late_minutes
 from energy_pipeline.storage import (
     ledger_between,
     record_late_points_ignored,
@@ -116,9 +116,9 @@ def _range_requests(
     ]
 
 
-def run_tags(rollup_settings: RollupSettings) -> dict[str, str]:
+def run_tags(minute_sensors: MinuteSensorSettings) -> dict[str, str]:
     """Tags every sensor-requested rollup run carries: its runtime limit for run monitoring."""
-    return {MAX_RUNTIME_TAG: str(rollup_settings.run_timeout_seconds)}
+    return {MAX_RUNTIME_TAG: str(minute_sensors.run_timeout_seconds)}
 
 
 def _aware(ts: datetime) -> datetime:
@@ -258,7 +258,7 @@ def build_minute_rollup_sensor(
     def minute_rollup_sensor(
         context: dg.SensorEvaluationContext,
         postgres: PostgresResource,
-        rollup_settings: RollupSettings,
+        minute_sensors: MinuteSensorSettings,
     ) -> dg.SensorResult | dg.SkipReason:
         """Rolls up each minute once it has closed and settled; repairs minutes without rollups.
 
@@ -267,14 +267,14 @@ def build_minute_rollup_sensor(
         """
         now = utcnow()
         cursor = _cursor(context.cursor)
-        if newest_due_minute(now, rollup_settings.settle_seconds) < earliest:
+        if newest_due_minute(now, minute_sensors.settle_seconds) < earliest:
             return dg.SkipReason("no closed minute inside the partition range yet")
         settings = PlanSettings(
             earliest=earliest,
-            settle_seconds=rollup_settings.settle_seconds,
-            max_range_minutes=rollup_settings.max_range_minutes,
-            raw_retention_days=rollup_settings.raw_retention_days,
-            run_timeout_seconds=rollup_settings.run_timeout_seconds,
+            settle_seconds=minute_sensors.settle_seconds,
+            max_range_minutes=minute_sensors.max_range_minutes,
+            raw_retention_days=minute_sensors.raw_retention_days,
+            run_timeout_seconds=minute_sensors.run_timeout_seconds,
         )
         window = repair_window(cursor, now, settings)
         holes: list[Range] | None = None
@@ -285,7 +285,7 @@ def build_minute_rollup_sensor(
             in_flight = runs_in_flight(context.instance, now, settings.run_timeout_seconds)
         plan = plan_minutes(cursor, holes, in_flight, now, settings)
         events = _report_holes(context, asset.key, plan, cursor.hole_minutes)
-        tags = run_tags(rollup_settings)
+        tags = run_tags(minute_sensors)
         requests = [
             *_range_requests(asset.key, plan.fresh, "minutes", extra_tags=tags),
             *_range_requests(
@@ -308,14 +308,13 @@ def build_minute_rollup_sensor(
 
 def _audit_out_of_range(
     context: dg.SensorEvaluationContext,
-    client: InfluxClient,
-    measurement: str,
+    source: RawSource,
     conn: psycopg.Connection,
     earliest: datetime,
     now: datetime,
 ) -> None:
     bounds = {"before": earliest, "after": now + FUTURE_TOLERANCE}
-    counts = out_of_range_counts(client, measurement, bounds["before"], bounds["after"])
+    counts = source.out_of_range(bounds["before"], bounds["after"])
     record_out_of_range(conn, counts, bounds, now)
     if any(counts.values()):
         context.log.warning(
@@ -342,55 +341,47 @@ def build_late_data_sensor(
         context: dg.SensorEvaluationContext,
         influxdb: InfluxDBResource,
         postgres: PostgresResource,
-        rollup_settings: RollupSettings,
+        minute_sensors: MinuteSensorSettings,
     ) -> dg.SensorResult | dg.SkipReason:
         """Compares per-minute checksums in InfluxDB with those each rollup was built from.
 
-        Counting costs InfluxDB about 0.08 s per minute of 5,000 devices, so each tick checks the
-        recent minutes (where late points mostly land) and the whole lateness window plus the audit
-        margin only every `late_full_scan_seconds`. The full scan also counts raw points outside
-        every minute partition (a device clock far off) into `energy.raw_out_of_range`.
+        Each tick checks the recent minutes (where late points mostly land); the whole lateness
+        window plus the audit margin only every `late_full_scan_seconds` (see `planning`). The
+        full scan also counts raw points outside every minute partition (a device clock far off)
+        into `energy.raw_out_of_range`.
         """
         now = utcnow()
         cursor = json.loads(context.cursor) if context.cursor else {}
-        full_scan = now.timestamp() - cursor.get("full_scan_at", 0.0) >= (
-            rollup_settings.late_full_scan_seconds
+        s = minute_sensors
+        check = plan_late_check(
+            cursor.get("full_scan_at", 0.0),
+            now,
+            earliest,
+            s.settle_seconds,
+            s.lateness_seconds,
+            s.late_audit_extra_seconds,
+            s.late_recent_seconds,
+            s.late_full_scan_seconds,
         )
-        reach = (
-            rollup_settings.lateness_seconds + rollup_settings.late_audit_extra_seconds
-            if full_scan
-            else min(rollup_settings.late_recent_seconds, rollup_settings.lateness_seconds)
-        )
-        horizon = max(earliest, now - timedelta(seconds=reach)).replace(second=0, microsecond=0)
-        window_end = newest_due_minute(now, rollup_settings.settle_seconds) + MINUTE
-        new_cursor = json.dumps(
-            {"full_scan_at": now.timestamp() if full_scan else cursor.get("full_scan_at", 0.0)}
-        )
-        if window_end <= horizon:
-            return dg.SensorResult(skip_reason="nothing rolled up yet", cursor=new_cursor)
-        client = influxdb.client()
-        current = current_checksums(client, influxdb.measurement, horizon, window_end)
+        if check is None:
+            return dg.SensorResult(skip_reason="nothing rolled up yet", cursor=context.cursor)
+        new_cursor = json.dumps({"full_scan_at": check.full_scan_at})
+        source = influxdb.source()
+        current = source.checksums(check.start, check.end)
         with postgres.connect() as conn:
-            late = late_minutes(current, ledger_between(conn, horizon, window_end))
-            if full_scan:
-                _audit_out_of_range(context, client, influxdb.measurement, conn, earliest, now)
-            cutoff = now - timedelta(seconds=rollup_settings.lateness_seconds)
-            too_late = late.filter(
-                (pl.col("bucket") < cutoff)
-                & (pl.col("extra_points") != pl.col("late_points_ignored"))
-            )
-            if too_late.height:
-                record_late_points_ignored(conn, too_late.select("bucket", "extra_points").rows())
+            late = late_minutes(current, ledger_between(conn, check.start, check.end))
+            if check.full_scan:
+                _audit_out_of_range(context, source, conn, earliest, now)
+            busy = in_flight_minutes(context.instance, now, s.run_timeout_seconds)
+            due, ignored = split_late(late.rows(), now, s.lateness_seconds, busy)
+            if ignored:
+                record_late_points_ignored(conn, ignored)
                 context.log.warning(
-                    f"{int(too_late['extra_points'].sum())} points arrived for "
-                    f"{too_late.height} minutes older than the lateness window; not recomputed, "
-                    "recorded in energy.rollup_minutes.late_points_ignored"
+                    f"{sum(n for _, n in ignored)} points arrived for {len(ignored)} minutes "
+                    "older than the lateness window; not recomputed, recorded in "
+                    "energy.rollup_minutes.late_points_ignored"
                 )
-        busy = in_flight_minutes(context.instance, now, rollup_settings.run_timeout_seconds)
-        due = [
-            m for m in late.filter(pl.col("bucket") >= cutoff)["bucket"].to_list() if m not in busy
-        ]
-        scope = "full lateness window" if full_scan else "recent minutes"
+        scope = "full lateness window" if check.full_scan else "recent minutes"
         if not due:
             return dg.SensorResult(
                 skip_reason=f"no late points ({scope} checked)", cursor=new_cursor
@@ -400,10 +391,10 @@ def build_late_data_sensor(
             run_requests=_requests(
                 asset.key,
                 due,
-                rollup_settings.max_range_minutes,
+                s.max_range_minutes,
                 "late",
                 f":{int(now.timestamp())}",
-                extra_tags=run_tags(rollup_settings),
+                extra_tags=run_tags(s),
             ),
             cursor=new_cursor,
         )

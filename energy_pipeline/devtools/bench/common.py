@@ -11,9 +11,11 @@ from datetime import datetime, timedelta
 import polars as pl
 import psycopg
 
+from energy_pipeline.config import READ_PARALLELISM
 from energy_pipeline.devtools.simulator import generate_points
 from energy_pipeline.devtools.telemetry_writer import write_points
 from energy_pipeline.influx import InfluxClient, to_ns
+from energy_pipeline.sources import RawSource
 from energy_pipeline.storage import copy_frame, upsert_devices
 
 MEASUREMENT = "telemetry"
@@ -149,3 +151,8 @@ def index_raw(conn: psycopg.Connection) -> None:
         conn.execute(f"CREATE INDEX ON {RAW_TABLE} (household_id, time)")
     conn.execute(f"ANALYZE {RAW_TABLE}")
     conn.execute("ANALYZE energy.device_rollup_1m")
+
+
+def raw_source(influx: InfluxClient) -> RawSource:
+    """The bench measurement, read as the pipeline reads it."""
+    return RawSource(influx, MEASUREMENT, READ_PARALLELISM)

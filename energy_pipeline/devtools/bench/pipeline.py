@@ -24,6 +24,7 @@ from energy_pipeline.devtools.bench.common import (
     Progress,
     copy_raw,
     load_dataset,
+    raw_source,
     wait_for_quiet_influx,
 )
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
@@ -86,7 +87,7 @@ def measure_minutes(
             t = time.perf_counter()
             influx.query_frame(groupby, params)
             influx_s.append(time.perf_counter() - t)
-        stats = process_window(influx, conn, MEASUREMENT, s, e, chunk_minutes=1)
+        stats = process_window(raw_source(influx), conn, s, e, chunk_minutes=1)
         for k in stages:
             stages[k].append(stats.seconds[k])
         totals.append(sum(stats.seconds.values()))
@@ -147,7 +148,7 @@ def _ranged_child(targets: BenchTargets, start: datetime, minutes: int, chunk: i
         backend = conn.info.backend_pid
         before = (_cpu_s(targets.influx_pid), _own_cpu_s(), _cpu_s(backend))
         t = time.perf_counter()
-        stats = process_window(influx, conn, MEASUREMENT, start, end, chunk)
+        stats = process_window(raw_source(influx), conn, start, end, chunk)
         seconds = time.perf_counter() - t
         after = (_cpu_s(targets.influx_pid), _own_cpu_s(), _cpu_s(backend))
     names = ("influxdb", "pipeline", "postgres")
@@ -207,7 +208,13 @@ def measure_scaling(
         for n in order:
             influx, minute = databases[n]
             s = minute + timedelta(minutes=i % 2)
-            stats = process_window(influx, conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
+            stats = process_window(
+                raw_source(influx),
+                conn,
+                s,
+                s + timedelta(minutes=1),
+                1,
+            )
             seconds[n].append(sum(stats.seconds.values()))
             points[n] = stats.points_read
     rows = []

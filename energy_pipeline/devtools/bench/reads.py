@@ -17,13 +17,13 @@ import psycopg
 from psycopg import sql
 
 from energy_pipeline.devtools.bench.common import (
-    MEASUREMENT,
     RAW_TABLE,
     BenchOptions,
     BenchTargets,
     Progress,
     copy_raw,
     pct,
+    raw_source,
 )
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.devtools.simulator import generate_points
@@ -241,7 +241,13 @@ def measure_reads(
             i = 0
             while not stop.is_set():
                 s = start + timedelta(minutes=i % span)
-                process_window(influx, conn, MEASUREMENT, s, s + timedelta(minutes=1), 1)
+                process_window(
+                    raw_source(influx),
+                    conn,
+                    s,
+                    s + timedelta(minutes=1),
+                    1,
+                )
                 rewrites["windows"] += 1
                 i += 1
 
