@@ -12,10 +12,18 @@ from datetime import datetime, timedelta
 import pandera.polars as pa
 import polars as pl
 
-from energy_pipeline.schemas import DEVICE_ROLLUP_1M, raw_point_schema
-from energy_pipeline.sources import CHECKSUM_COLUMNS, FIELDS, TAGS
+from energy_pipeline.schemas import (
+    BUCKET_DTYPE,
+    CHECKSUM_COLUMNS,
+    DEVICE_ROLLUP_1M,
+    FIELDS,
+    LEDGER_COLUMNS,
+    QUARANTINE_SCHEMA,
+    ROLLUP_COLUMNS,
+    TAGS,
+    raw_point_schema,
+)
 
-BUCKET_DTYPE = pl.Datetime("us", "UTC")
 # Friendlier words for pandera's check names in quarantine reasons.
 _REASON_WORDS = {"not_nullable": "missing", "known_device": "unknown device"}
 # Of several reasons for one column, only the most specific is kept: a value stored as text is
@@ -23,40 +31,6 @@ _REASON_WORDS = {"not_nullable": "missing", "known_device": "unknown device"}
 _SPECIFIC, _CONTRACT = 0, 1
 # Longest raw value quoted in a reason.
 _QUOTE_CHARS = 40
-
-QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
-    "bucket": BUCKET_DTYPE,
-    "point_time_ns": pl.Int64(),
-    "device_id": pl.String(),
-    "household_id": pl.String(),
-    "power_w": pl.Float64(),
-    "energy_wh": pl.Float64(),
-    "voltage_v": pl.Float64(),
-    "reason": pl.String(),
-}
-ROLLUP_COLUMNS = (
-    "device_id",
-    "bucket",
-    "household_id",
-    "sample_count",
-    "power_w_avg",
-    "power_w_min",
-    "power_w_max",
-    "energy_wh_sum",
-    "rejected_count",
-    "voltage_v_avg",
-    "voltage_v_min",
-    "voltage_v_max",
-)
-# Counts of what the run saw, then InfluxDB's checksums of the minute (see sources.py).
-LEDGER_COLUMNS = (
-    "bucket",
-    "points_read",
-    "duplicates_dropped",
-    "rejected",
-    "devices",
-    *CHECKSUM_COLUMNS,
-)
 
 
 @dataclass
@@ -248,7 +222,9 @@ def roll_up_minutes(
     ).select(list(QUARANTINE_SCHEMA))
     if checksums is None:
         checksums = client_checksums(raw)
-    ledger = _ledger(raw, duplicates, rejected, rollups, checksums, start, end)
+    ledger = _ledger(raw, duplicates, rejected, rollups, checksums, start, end).join(
+        _household_mismatches(rollups, devices), on="bucket", how="left"
+    ).with_columns(pl.col("household_mismatches").fill_null(0))
     seconds["roll_up"] = time.perf_counter() - t1
     return MinuteBatch(
         rollups=rollups,
@@ -347,6 +323,22 @@ def _roll_up(
         .filter(pl.col("household_id").is_not_null() & (pl.col("household_id") != ""))
         .select(ROLLUP_COLUMNS)
         .sort(keys)
+    )
+
+
+def _household_mismatches(rollups: pl.DataFrame, devices: pl.DataFrame | None) -> pl.DataFrame:
+    """Per minute, devices whose points carried another household than their registered one.
+
+    The minute row keeps the tag's household (what the device said); coarser rollups and the BI
+    views use the registered one. The count is a data-quality figure in the run's metadata.
+    """
+    if devices is None:
+        return pl.DataFrame(schema={"bucket": BUCKET_DTYPE, "household_mismatches": pl.Int64})
+    return (
+        rollups.join(devices, on="device_id", how="inner", suffix="_registered")
+        .filter(pl.col("household_id") != pl.col("household_id_registered"))
+        .group_by("bucket")
+        .agg(pl.len().cast(pl.Int64).alias("household_mismatches"))
     )
 
 

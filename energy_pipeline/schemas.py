@@ -1,12 +1,61 @@
-"""pandera (polars backend) contracts for raw points and per-device minute rollups.
+"""Table contracts in one place: raw points, the minute rollup, quarantine and ledger columns.
 
-Validate collected DataFrames: on a LazyFrame pandera checks the schema only and skips data checks.
+Column lists say what each PostgreSQL table receives; pandera (polars backend) contracts say what
+valid rows are. Validate collected DataFrames: on a LazyFrame pandera checks the schema only and
+skips data checks.
 """
 
 from __future__ import annotations
 
 import pandera.polars as pa
 import polars as pl
+
+# Fields and tags of a raw point in InfluxDB (input contract).
+FIELDS = ("power_w", "energy_wh", "voltage_v")
+TAGS = ("device_id", "household_id")
+BUCKET_DTYPE = pl.Datetime("us", "UTC")
+
+# energy.quarantine: one rejected raw point and its reason.
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    "bucket": BUCKET_DTYPE,
+    "point_time_ns": pl.Int64(),
+    "device_id": pl.String(),
+    "household_id": pl.String(),
+    "power_w": pl.Float64(),
+    "energy_wh": pl.Float64(),
+    "voltage_v": pl.Float64(),
+    "reason": pl.String(),
+}
+# energy.device_rollup_1m, without computed_at (stamped at write time).
+ROLLUP_COLUMNS = (
+    "device_id",
+    "bucket",
+    "household_id",
+    "sample_count",
+    "power_w_avg",
+    "power_w_min",
+    "power_w_max",
+    "energy_wh_sum",
+    "rejected_count",
+    "voltage_v_avg",
+    "voltage_v_min",
+    "voltage_v_max",
+)
+# A minute's checksum: count and sum of each field (see sources.py).
+CHECKSUM_COLUMNS = tuple(f"{f}_{k}" for f in FIELDS for k in ("points", "sum"))
+CHECKSUM_SCHEMA: dict[str, pl.DataType] = {
+    "bucket": BUCKET_DTYPE,
+    **{c: pl.Int64() if c.endswith("_points") else pl.Float64() for c in CHECKSUM_COLUMNS},
+}
+# energy.rollup_minutes (the ledger): counts of what the run saw, then the minute's checksum.
+LEDGER_COLUMNS = (
+    "bucket",
+    "points_read",
+    "duplicates_dropped",
+    "rejected",
+    "devices",
+    *CHECKSUM_COLUMNS,
+)
 
 # A household device drawing more than this is a sensor fault, not a load (an EV charger is ~11 kW).
 MAX_POWER_W = 50_000.0

@@ -34,19 +34,13 @@ from energy_pipeline.influx import (
     series_slices,
     to_ns,
 )
+from energy_pipeline.schemas import CHECKSUM_COLUMNS, CHECKSUM_SCHEMA, FIELDS, TAGS
 
-FIELDS = ("power_w", "energy_wh", "voltage_v")
-TAGS = ("device_id", "household_id")
 MINUTE = timedelta(minutes=1)
 NS_PER_MINUTE = 60_000_000_000
 # Of two checksums this close, neither saw a different value: InfluxDB's float sums can differ in
 # the last bits between two queries over the same points.
 SUM_RELATIVE_TOLERANCE = 1e-9
-CHECKSUM_COLUMNS = tuple(f"{f}_{k}" for f in FIELDS for k in ("points", "sum"))
-CHECKSUM_SCHEMA: dict[str, pl.DataType] = {
-    "bucket": pl.Datetime("us", "UTC"),
-    **{c: pl.Int64() if c.endswith("_points") else pl.Float64() for c in CHECKSUM_COLUMNS},
-}
 
 
 class IncompleteReadError(InfluxError):

@@ -16,8 +16,13 @@ from psycopg import sql
 
 from energy_pipeline.config import dsn_secrets, scrub
 from energy_pipeline.config import redact_dsn as redact_dsn  # re-exported for the command line
-from energy_pipeline.rollups import LEDGER_COLUMNS, QUARANTINE_SCHEMA, ROLLUP_COLUMNS
-from energy_pipeline.sources import CHECKSUM_COLUMNS, CHECKSUM_SCHEMA
+from energy_pipeline.schemas import (
+    CHECKSUM_COLUMNS,
+    CHECKSUM_SCHEMA,
+    LEDGER_COLUMNS,
+    QUARANTINE_SCHEMA,
+    ROLLUP_COLUMNS,
+)
 
 SOURCE_MINUTE_ROLLUP = "device_rollup_1m"
 DEVICE_COLUMNS = ("device_id", "household_id", "name", "model", "location", "timezone", "profile")

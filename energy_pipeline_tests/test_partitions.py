@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from energy_pipeline import storage
-from energy_pipeline.rollups import LEDGER_COLUMNS, QUARANTINE_SCHEMA, ROLLUP_COLUMNS
+from energy_pipeline.schemas import LEDGER_COLUMNS, QUARANTINE_SCHEMA, ROLLUP_COLUMNS
 from energy_pipeline.storage import StorageError, connect, replace_minutes
 
 

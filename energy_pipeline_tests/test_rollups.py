@@ -90,3 +90,14 @@ def test_minute_household_is_the_earliest_points_without_duplicates():
     batch = roll_up_minutes(points, START, START + timedelta(minutes=2), DEVICES)
     dev2 = batch.rollups.filter((pl.col("bucket") == START) & (pl.col("device_id") == "dev-2"))
     assert dev2["household_id"].to_list() == ["hh-c"]
+
+
+def test_devices_reporting_another_household_than_registered_are_counted_per_minute():
+    registry = pl.DataFrame({"device_id": ["dev-1", "dev-2"], "household_id": ["hh-z", "hh-c"]})
+    batch = roll_up_minutes(_points(), START, START + timedelta(minutes=2), registry)
+    # dev-1 says hh-a in both minutes; dev-2's minute starts with hh-c, its registered household.
+    assert batch.ledger["household_mismatches"].to_list() == [1, 1]
+    assert set(batch.rollups["household_id"]) == {"hh-a", "hh-c"}  # the minute keeps the tag
+    assert roll_up_minutes(_points(), START, START + timedelta(minutes=2), DEVICES).ledger[
+        "household_mismatches"
+    ].to_list() == [0, 0]

@@ -16,6 +16,8 @@ PER_MINUTE = {
     "rows_written": "devices",
     "rejected": "rejected",
     "duplicates_dropped": "duplicates_dropped",
+    # Devices whose points carried another household than the registry's (data quality).
+    "household_mismatches": "household_mismatches",
 }
 
 
