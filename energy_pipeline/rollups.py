@@ -222,9 +222,11 @@ def roll_up_minutes(
     ).select(list(QUARANTINE_SCHEMA))
     if checksums is None:
         checksums = client_checksums(raw)
-    ledger = _ledger(raw, duplicates, rejected, rollups, checksums, start, end).join(
-        _household_mismatches(rollups, devices), on="bucket", how="left"
-    ).with_columns(pl.col("household_mismatches").fill_null(0))
+    ledger = (
+        _ledger(raw, duplicates, rejected, rollups, checksums, start, end)
+        .join(_household_mismatches(rollups, devices), on="bucket", how="left")
+        .with_columns(pl.col("household_mismatches").fill_null(0))
+    )
     seconds["roll_up"] = time.perf_counter() - t1
     return MinuteBatch(
         rollups=rollups,
