@@ -50,7 +50,20 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     assert all(v >= 0 for v in ranged["cpu_s"].values()) and ranged["cpu_s"]["pipeline"] > 0
     assert ranged["cpu_floor_s"] == sum(ranged["cpu_s"].values()) / ranged["cores"]
     assert ranged["read_only_s"] > 0 and ranged["read_only_influxdb_cpu_s"] >= 0
+    for grain, rows_per_window in (
+        ("household_5m", opts.devices // 5),  # build_fleet: 5 devices a household
+        ("device_1h", opts.devices),
+    ):
+        h = figures["hierarchy"][grain]
+        assert h["windows_timed"] > 0 and h["minute_rows_per_window"] > 0
+        assert 0 < h["seconds_median"] <= h["seconds_max"]
+        assert h["rows_written_per_window"] == rows_per_window
     reads = figures["reads"]
+    assert reads["tables"] == {
+        "household_5m_24h": "energy.household_rollup_5m",
+        "top5_devices_24h": "energy.device_rollup_1h",
+        "device_1m_24h": "energy.device_rollup_1m",
+    }
     sample = reads["dataset"]
     span = max(opts.minutes, opts.long_minutes)
     assert sample["households"] == opts.read_households
@@ -58,6 +71,10 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     # The sampled devices have every second and every minute of the window in both tables.
     assert sample["raw_rows_in_window"] == sample["devices"] * opts.read_hours * 3600
     assert sample["rollup_rows_in_window"] == sample["devices"] * opts.read_hours * 60
+    # ... and every 5-minute window of their households and every hour of their devices.
+    assert sample["household_5m_rows_in_window"] == sample["households"] * opts.read_hours * 12
+    assert sample["device_1h_rows_in_window"] == sample["devices"] * opts.read_hours
+    assert sample["hierarchy_fill_s"] > 0
     assert sample["points_loaded"] == sample["devices"] * (opts.read_hours * 60 - span) * 60
     assert sample["all_devices_minutes"] == span and sample["raw_table_bytes_per_row"] > 0
     for table in ("rollup", "raw"):
@@ -71,6 +88,7 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     assert all(v > 0 for v in reads["p95_speedup_by_query"].values())
     assert reads["p95_speedup"] > 0
     assert reads["minutes_rewritten_meanwhile"] > 0
+    assert reads["coarse_windows_rewritten_meanwhile"] > 0
     for table in ("rollup", "raw"):
         alone = reads["single_reader"][table]
         assert set(alone) == set(READ_QUERIES) and all(v > 0 for v in alone.values())
@@ -81,4 +99,7 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     table = format_table(result)
     assert "fresh minute: in-asset total" in table and "history minute: read" in table
     assert "reads on raw" in table and "reads top5_devices_24h: raw p95 / rollup p95" in table
+    assert "reads household_5m_24h: household_rollup_5m p50/p95" in table
+    assert "reads top5_devices_24h: device_rollup_1h p50/p95" in table
+    assert "hierarchy: one household 5-minute window" in table
     assert any("loaded" in m for m in messages)

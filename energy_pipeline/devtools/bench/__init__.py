@@ -23,6 +23,7 @@ from energy_pipeline.devtools.bench.common import (
     prepare_postgres,
     wait_for_quiet_influx,
 )
+from energy_pipeline.devtools.bench.hierarchy import measure_hierarchy
 from energy_pipeline.devtools.bench.live import measure_live
 from energy_pipeline.devtools.bench.pipeline import (
     measure_late_check,
@@ -51,8 +52,10 @@ def run_bench(
     fleet = build_fleet(opts.devices, seed=opts.seed)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     span = max(opts.minutes, opts.long_minutes)
-    # History fills [start, start + span); fresh minutes follow it and still end in the past.
-    start = now - timedelta(minutes=span + opts.minutes + 2)
+    # History fills [start, start + span); fresh minutes follow it and still end in the past. The
+    # history ends on the hour, so the readers' window holds whole 5-minute and hourly windows.
+    end = (now - timedelta(minutes=opts.minutes + 2)).replace(minute=0)
+    start = end - timedelta(minutes=span)
     result: dict[str, Any] = {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat()}
     influx = targets.influx()
     with connect(targets.pg_dsn) as conn:
@@ -85,6 +88,8 @@ def run_bench(
             result["ranged"] = measure_ranged(targets, start, opts.long_minutes, opts.chunk_minutes)
         else:
             result["ranged"] = None
+        say("measuring the hierarchy per window (5-minute household, device hour)")
+        result["hierarchy"] = measure_hierarchy(targets, start, start + timedelta(minutes=span))
         say(f"measuring {opts.readers} concurrent readers, {opts.read_seconds:.0f} s per table")
         result["reads"] = measure_reads(targets, fleet, start, span, opts, say)
         say("measuring cost per point at " + ", ".join(map(str, opts.scaling)) + " devices")
@@ -144,6 +149,15 @@ def format_table(r: dict[str, Any]) -> str:
             ("same range only read from InfluxDB (s)", f"{g['read_only_s']:.2f}"),
             ("  InfluxDB CPU s for that read", f"{g['read_only_influxdb_cpu_s']:.1f}"),
         ]  # fmt: skip
+    for grain, label in (("household_5m", "household 5-minute window"),
+                         ("device_1h", "device hour")):  # fmt: skip
+        h = r["hierarchy"][grain]
+        rows += [
+            (f"hierarchy: one {label} from {h['minute_rows_per_window']:,} minute rows (s)",
+             f"{h['seconds_median']:.3f}"),
+            (f"hierarchy: one {label}: worst of {h['windows_timed']} (s) / rows written",
+             f"{h['seconds_max']:.3f} / {h['rows_written_per_window']:,}"),
+        ]  # fmt: skip
     ds = rd["dataset"]
     rows += [
         ("reads: sampled households / devices", f"{ds['households']} / {ds['devices']}"),
@@ -151,20 +165,28 @@ def format_table(r: dict[str, Any]) -> str:
          f"{ds['hours']} / {ds['all_devices_minutes']}"),
         ("reads: raw rows in window, sampled devices", f"{ds['raw_rows_in_window']:,}"),
         ("reads: rollup rows in window, sampled devices", f"{ds['rollup_rows_in_window']:,}"),
+        ("reads: household_rollup_5m / device_rollup_1h rows in window",
+         f"{ds['household_5m_rows_in_window']:,} / {ds['device_1h_rows_in_window']:,}"),
+        ("reads: coarse tables filled from minute rows (s)", f"{ds['hierarchy_fill_s']:.1f}"),
         ("reads: raw table bytes per row (heap + indexes)", f"{ds['raw_table_bytes_per_row']:.0f}"),
     ]  # fmt: skip
-    for table in ("rollup", "raw"):
+    for table, where in (("rollup", "rollups"), ("raw", "raw table")):
         t = rd[table]
         rows += [
-            (f"reads on {table}, {rd['readers']} readers: p50/p95/p99 (ms)",
+            (f"reads on {where}, {rd['readers']} readers: p50/p95/p99 (ms)",
              f"{t['p50_ms']:.1f}/{t['p95_ms']:.1f}/{t['p99_ms']:.1f}"),
-            (f"reads on {table}: queries/s", f"{t['qps']:,.1f}"),
+            (f"reads on {where}: queries/s", f"{t['qps']:,.1f}"),
         ]  # fmt: skip
+    rows += [
+        ("reads: minutes / coarse windows rewritten meanwhile",
+         f"{rd['minutes_rewritten_meanwhile']:,} / {rd['coarse_windows_rewritten_meanwhile']:,}"),
+    ]  # fmt: skip
     for name, ratio in rd["p95_speedup_by_query"].items():
         for table in ("rollup", "raw"):
             q = rd[table]["by_query"][name]
+            source = rd["tables"][name].removeprefix("energy.") if table == "rollup" else "raw"
             rows.append(
-                (f"reads {name}: {table} p50/p95 (ms)", f"{q['p50_ms']:.1f}/{q['p95_ms']:.1f}")
+                (f"reads {name}: {source} p50/p95 (ms)", f"{q['p50_ms']:.1f}/{q['p95_ms']:.1f}")
             )
         rows.append((f"reads {name}: raw p95 / rollup p95", f"{ratio:.1f}"))
     rows.append(("reads: raw p95 / rollup p95, all queries", f"{rd['p95_speedup']:.1f}"))

@@ -140,7 +140,10 @@ def prepare_postgres(dsn: str, conn: psycopg.Connection, fleet: pl.DataFrame) ->
             f"CREATE TABLE {RAW_TABLE} (time timestamptz NOT NULL, device_id text NOT NULL, "
             "household_id text NOT NULL, power_w float8, energy_wh float8, voltage_v float8)"
         )
-        conn.execute("TRUNCATE energy.device_rollup_1m, energy.quarantine, energy.rollup_minutes")
+        conn.execute(
+            "TRUNCATE energy.device_rollup_1m, energy.quarantine, energy.rollup_minutes, "
+            "energy.household_rollup_5m, energy.device_rollup_1h, energy.rollup_windows"
+        )
 
 
 def index_raw(conn: psycopg.Connection) -> None:

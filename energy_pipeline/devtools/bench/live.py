@@ -26,6 +26,7 @@ from energy_pipeline.devtools.bench.common import (
 )
 from energy_pipeline.devtools.simulator import build_fleet
 from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
+from energy_pipeline.hierarchy import HOUSEHOLD_5M
 from energy_pipeline.influx import quote_ident
 from energy_pipeline.storage import connect
 
@@ -49,6 +50,21 @@ def _dagster_run_timings(dagster_dsn: str, since: float) -> list[dict[str, float
                     "launch_s": started - float(created), "run_s": ended - started,
                     "close_to_success_s": ended - closed})  # fmt: skip
     return out
+
+
+def _household_window_timings(live_pg_dsn: str, since: float) -> list[dict[str, float]]:
+    """Complete household 5-minute windows that began after `since`: seconds from the window's
+    end, and from its last minute's rollup, to the household rows (`rollup_windows.computed_at`,
+    written in the same transaction as the rows)."""
+    with psycopg.connect(live_pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM computed_at - (bucket + interval '5 minutes')), "
+            "extract(epoch FROM computed_at - source_computed_at) "
+            "FROM energy.rollup_windows WHERE grain = %s AND bucket >= to_timestamp(%s) "
+            "AND minutes_covered = minutes_expected",
+            (HOUSEHOLD_5M, since),
+        ).fetchall()
+    return [{"close_to_row_s": float(c), "minute_to_row_s": float(m)} for c, m in rows]
 
 
 def measure_live(
@@ -128,9 +144,13 @@ def measure_live(
         log.close()
         writer.join(timeout=30)
     runs = _dagster_run_timings(dagster_dsn, began + 120)
+    windows = _household_window_timings(live_pg_dsn, began + 120)
 
     def stat(key: str, q: float) -> float:
         return pct([r[key] for r in runs], q)
+
+    def window_stat(key: str, q: float) -> float:
+        return pct([w[key] for w in windows], q)
 
     return {
         "minutes": minutes,
@@ -148,4 +168,8 @@ def measure_live(
         "wait_for_sensor_p50_s": stat("wait_for_sensor_s", 0.5),
         "launch_p50_s": stat("launch_s", 0.5),
         "run_p50_s": stat("run_s", 0.5),
+        "household_5m_windows": len(windows),
+        "window_close_to_household_row_p50_s": window_stat("close_to_row_s", 0.5),
+        "window_close_to_household_row_p95_s": window_stat("close_to_row_s", 0.95),
+        "last_minute_rollup_to_household_row_p95_s": window_stat("minute_to_row_s", 0.95),
     }

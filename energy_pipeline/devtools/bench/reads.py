@@ -27,19 +27,32 @@ from energy_pipeline.devtools.bench.common import (
 )
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.devtools.simulator import generate_points
+from energy_pipeline.hierarchy import replace_device_1h, replace_household_5m
 from energy_pipeline.influx import to_ns
 from energy_pipeline.ingest import chunk_windows, process_window
 from energy_pipeline.rollups import roll_up_minutes
 from energy_pipeline.storage import connect, replace_minutes
 
+# Each query's answer from the rollup table it is meant for, then the same answer from raw points.
 READ_QUERIES = {
     "household_5m_24h": (
-        "SELECT date_bin('5 minutes', bucket, TIMESTAMPTZ '2000-01-01') AS b, sum(energy_wh_sum), "
-        "max(power_w_max) FROM energy.device_rollup_1m WHERE household_id = %(h)s "
-        "AND bucket >= %(s)s AND bucket < %(e)s GROUP BY 1 ORDER BY 1",
-        f"SELECT date_bin('5 minutes', time, TIMESTAMPTZ '2000-01-01') AS b, sum(energy_wh), "
-        f"max(power_w) FROM {RAW_TABLE} WHERE household_id = %(h)s "
-        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY 1",
+        "SELECT bucket, energy_wh_sum, power_w_avg, power_w_peak FROM energy.household_rollup_5m "
+        "WHERE household_id = %(h)s AND bucket >= %(s)s AND bucket < %(e)s ORDER BY bucket",
+        # Household draw = the sum of its devices' mean power per minute, averaged and peaked
+        # over 5 minutes: what household_rollup_5m holds.
+        "WITH m AS (SELECT device_id, date_trunc('minute', time) AS minute, avg(power_w) AS p, "
+        f"sum(energy_wh) AS e FROM {RAW_TABLE} WHERE household_id = %(h)s "
+        "AND time >= %(s)s AND time < %(e)s GROUP BY 1, 2), "
+        "d AS (SELECT minute, sum(p) AS draw, sum(e) AS e FROM m GROUP BY 1) "
+        "SELECT date_bin('5 minutes', minute, TIMESTAMPTZ '2000-01-01') AS b, sum(e), "
+        "avg(draw), max(draw) FROM d GROUP BY 1 ORDER BY 1",
+    ),
+    "top5_devices_24h": (
+        "SELECT device_id, sum(energy_wh_sum) AS e FROM energy.device_rollup_1h "
+        "WHERE household_id = %(h)s AND bucket >= %(s)s AND bucket < %(e)s "
+        "GROUP BY 1 ORDER BY e DESC LIMIT 5",
+        f"SELECT device_id, sum(energy_wh) AS e FROM {RAW_TABLE} WHERE household_id = %(h)s "
+        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY e DESC LIMIT 5",
     ),
     "device_1m_24h": (
         "SELECT bucket, power_w_avg, energy_wh_sum FROM energy.device_rollup_1m "
@@ -47,13 +60,12 @@ READ_QUERIES = {
         f"SELECT date_trunc('minute', time) AS b, avg(power_w), sum(energy_wh) FROM {RAW_TABLE} "
         "WHERE device_id = %(d)s AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY 1",
     ),
-    "top5_devices_24h": (
-        "SELECT device_id, sum(energy_wh_sum) AS e FROM energy.device_rollup_1m "
-        "WHERE household_id = %(h)s AND bucket >= %(s)s AND bucket < %(e)s "
-        "GROUP BY 1 ORDER BY e DESC LIMIT 5",
-        f"SELECT device_id, sum(energy_wh) AS e FROM {RAW_TABLE} WHERE household_id = %(h)s "
-        "AND time >= %(s)s AND time < %(e)s GROUP BY 1 ORDER BY e DESC LIMIT 5",
-    ),
+}
+# The table each rollup query reads.
+READ_TABLES = {
+    "household_5m_24h": "energy.household_rollup_5m",
+    "top5_devices_24h": "energy.device_rollup_1h",
+    "device_1m_24h": "energy.device_rollup_1m",
 }
 
 
@@ -96,18 +108,55 @@ def load_read_history(
     return {"points": points_total, "seconds": time.perf_counter() - t0}
 
 
+def fill_hierarchy(conn: psycopg.Connection, start: datetime, end: datetime) -> dict[str, float]:
+    """Roll the minute rows of [start, end) (whole hours) up into both coarse tables, as the
+    hierarchy's assets do; a day at a time, so each transaction stays short."""
+    t0 = time.perf_counter()
+    rows = {"household_5m_rows": 0, "device_1h_rows": 0}
+    day = timedelta(days=1)
+    s = start
+    while s < end:
+        e = min(s + day, end)
+        computed_at = datetime.now(UTC)
+        rows["household_5m_rows"] += replace_household_5m(conn, s, e, computed_at).rows_written
+        rows["device_1h_rows"] += replace_device_1h(conn, s, e, computed_at).rows_written
+        s = e
+    conn.execute("ANALYZE energy.household_rollup_5m")
+    conn.execute("ANALYZE energy.device_rollup_1h")
+    return {**rows, "seconds": time.perf_counter() - t0}
+
+
+def rewrite_coarse(conn: psycopg.Connection, minute: datetime) -> int:
+    """Recompute the coarse windows a rewritten minute completes, as the hierarchy sensor would
+    request them; returns how many windows were written."""
+    after = minute + timedelta(minutes=1)
+    written = 0
+    if after.minute % 5 == 0:
+        replace_household_5m(conn, after - timedelta(minutes=5), after, datetime.now(UTC))
+        written += 1
+    if after.minute == 0:
+        replace_device_1h(conn, after - timedelta(hours=1), after, datetime.now(UTC))
+        written += 1
+    return written
+
+
 def _read_dataset(
     conn: psycopg.Connection, sample: pl.DataFrame, start: datetime, end: datetime
 ) -> dict[str, float]:
     """Rows the readers' queries can reach: the sampled devices' rows in [start, end)."""
     devices = sample["device_id"].to_list()
+    households = sample["household_id"].unique().to_list()
     counts = {}
-    for key, table, column in (("raw", RAW_TABLE, "time"),
-                               ("rollup", "energy.device_rollup_1m", "bucket")):  # fmt: skip
+    for key, table, column, who, ids in (
+        ("raw", RAW_TABLE, "time", "device_id", devices),
+        ("rollup", "energy.device_rollup_1m", "bucket", "device_id", devices),
+        ("household_5m", "energy.household_rollup_5m", "bucket", "household_id", households),
+        ("device_1h", "energy.device_rollup_1h", "bucket", "device_id", devices),
+    ):
         row = conn.execute(
-            f"SELECT count(*) FROM {table} WHERE device_id = ANY(%s) "
+            f"SELECT count(*) FROM {table} WHERE {who} = ANY(%s) "
             f"AND {column} >= %s AND {column} < %s",
-            (devices, start, end),
+            (ids, start, end),
         ).fetchone()
         counts[key] = row[0] if row else 0
     size = conn.execute(
@@ -117,6 +166,8 @@ def _read_dataset(
     return {
         "raw_rows_in_window": counts["raw"],
         "rollup_rows_in_window": counts["rollup"],
+        "household_5m_rows_in_window": counts["household_5m"],
+        "device_1h_rows_in_window": counts["device_1h"],
         # Heap plus indexes per row, from the planner's row estimate after ANALYZE.
         "raw_table_bytes_per_row": size[0] / size[1] if size and size[1] > 0 else float("nan"),
     }
@@ -219,6 +270,8 @@ def measure_reads(
         say(f"  loading {opts.read_hours} h for {households} sampled households "
             f"({sample.height} devices) into both tables")  # fmt: skip
         loaded = load_read_history(conn, sample, window[0], min(window[1], start), opts.seed, say)
+        say("  rolling the window's minute rows up into household_rollup_5m and device_rollup_1h")
+        coarse = fill_hierarchy(conn, *window)
         dataset = {
             "households": households,
             "devices": sample.height,
@@ -228,12 +281,13 @@ def measure_reads(
             "all_devices_minutes": span,
             "points_loaded": loaded["points"],
             "load_s": loaded["seconds"],
+            "hierarchy_fill_s": coarse["seconds"],
             **_read_dataset(conn, sample, *window),
             "coverage": f"both tables hold the whole {opts.read_hours} h window only for the "
             f"{sample.height} sampled devices; the other devices have its last {span} minutes",
         }
     stop = threading.Event()
-    rewrites = {"windows": 0}
+    rewrites = {"windows": 0, "coarse_windows": 0}
 
     def writer() -> None:
         influx = targets.influx()
@@ -249,6 +303,7 @@ def measure_reads(
                     1,
                 )
                 rewrites["windows"] += 1
+                rewrites["coarse_windows"] += rewrite_coarse(conn, s)
                 i += 1
 
     thread = threading.Thread(target=writer)
@@ -269,6 +324,8 @@ def measure_reads(
         "seconds_each": opts.read_seconds,
         "dataset": dataset,
         "minutes_rewritten_meanwhile": rewrites["windows"],
+        "coarse_windows_rewritten_meanwhile": rewrites["coarse_windows"],
+        "tables": READ_TABLES,
         "rollup": rollup,
         "raw": raw,
         "p95_speedup": raw["p95_ms"] / rollup["p95_ms"],
