@@ -151,8 +151,10 @@ def test_ranged_run_covers_every_window_in_one_run(pg_dsn, minutes_hour):
 
     assert result.success
     assert len(result.get_asset_materialization_events()) == 12
-    sums = evaluations(result)[SUMS_MATCH_MINUTES]
-    assert sums.passed and sums.metadata["windows_checked"].value == 12
+    # One check result per window, each with its own partition, even in a ranged run.
+    sums = [e for e in result.get_asset_check_evaluations() if e.check_name == SUMS_MATCH_MINUTES]
+    assert sorted(e.partition for e in sums) == [key(minutes_hour + i * FIVE) for i in range(12)]
+    assert all(e.passed for e in sums)
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute(
             "SELECT count(DISTINCT bucket) FROM energy.household_rollup_5m"
@@ -181,7 +183,6 @@ def test_tampered_minute_row_fails_the_blocking_check(pg_dsn, minutes_hour, grai
     assert sums.partition == partition
     meta = sums.metadata
     assert close(meta["minute_energy_wh"].value - meta["energy_wh"].value, 1.25)
-    assert partition[:10] in meta["failed_windows"].value
     assert not result.success  # a failed blocking check fails its step
 
 

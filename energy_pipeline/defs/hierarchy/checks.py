@@ -1,7 +1,7 @@
 """Per-partition asset checks of the hierarchy: sums equal the minute rows', minutes covered."""
 
-from collections.abc import Callable
-from datetime import UTC
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -12,67 +12,98 @@ from energy_pipeline.resources import PostgresResource
 
 SUMS_MATCH_MINUTES = "sums_match_minutes"
 MINUTES_COVERED = "minutes_covered"
-# A ranged (catch-up) run records one check result for the whole range, without a partition
-# (dagster 1.13): its metadata names the failing windows, at most this many.
-LISTED_WINDOWS = 20
+
+# A check returning one AssetCheckResult in a ranged (catch-up) run is recorded once, without a
+# partition (dagster 1.13). These checks yield one evaluation per window instead, each with its
+# own partition, then the step's (empty) output; yielded, not logged, so a failed blocking check
+# still stops what reads from the asset.
 
 
-def _sums_result(context: dg.AssetCheckExecutionContext, postgres: PostgresResource, grain: str):
+def _window(context: dg.AssetCheckExecutionContext) -> tuple[datetime, datetime]:
     window = context.partition_time_window
-    start, end = window.start.astimezone(UTC), window.end.astimezone(UTC)
-    with postgres.connect() as conn:
-        checks = sum_checks(conn, grain, start, end)
-    failed = [c for c in checks if not c.passed]
-    metadata: dict = {"windows_checked": len(checks), "windows_failed": len(failed)}
-    if len(checks) == 1:
-        c = checks[0]
-        metadata |= {
-            "energy_wh": c.energy_wh,
-            "minute_energy_wh": c.minute_energy_wh,
-            "sample_count": c.samples,
-            "minute_sample_count": c.minute_samples,
-        }
-    if failed:
-        metadata["failed_windows"] = ", ".join(
-            f"{c.bucket.astimezone(UTC):%Y-%m-%d %H:%M} (energy_wh {c.energy_wh} vs "
-            f"{c.minute_energy_wh}, samples {c.samples} vs {c.minute_samples})"
-            for c in failed[:LISTED_WINDOWS]
-        )
-    return dg.AssetCheckResult(
-        passed=not failed, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
+    return window.start.astimezone(UTC), window.end.astimezone(UTC)
+
+
+def _evaluation(
+    asset: dg.AssetsDefinition,
+    check: str,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+    bucket: datetime,
+    passed: bool,
+    blocking: bool,
+    metadata: dict,
+) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(
+        asset_key=asset.key,
+        check_name=check,
+        passed=passed,
+        metadata=metadata,
+        severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
+        blocking=blocking,
+        partition=partitions_def.get_partition_key_for_timestamp(bucket.timestamp()),
     )
 
 
-def _coverage_result(
-    context: dg.AssetCheckExecutionContext, postgres: PostgresResource, grain: str
-):
-    window = context.partition_time_window
-    start, end = window.start.astimezone(UTC), window.end.astimezone(UTC)
+def _sums(
+    context: dg.AssetCheckExecutionContext,
+    postgres: PostgresResource,
+    asset: dg.AssetsDefinition,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+    grain: str,
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
     with postgres.connect() as conn:
-        rows = coverage(conn, grain, start, end)
-    covered = sum(r.minutes_covered or 0 for r in rows)
-    expected = sum(r.minutes_expected for r in rows)
-    short = [r for r in rows if not r.complete]
-    metadata: dict = {"minutes_covered": covered, "minutes_expected": expected}
-    if short:
-        metadata["incomplete_windows"] = ", ".join(
-            f"{r.bucket.astimezone(UTC):%Y-%m-%d %H:%M} ({r.minutes_covered or 0}/"
-            f"{r.minutes_expected})"
-            for r in short[:LISTED_WINDOWS]
+        checks = sum_checks(conn, grain, *_window(context))
+    for c in checks:
+        yield _evaluation(
+            asset,
+            SUMS_MATCH_MINUTES,
+            partitions_def,
+            c.bucket,
+            c.passed,
+            blocking=True,
+            metadata={
+                "energy_wh": c.energy_wh,
+                "minute_energy_wh": c.minute_energy_wh,
+                "sample_count": c.samples,
+                "minute_sample_count": c.minute_samples,
+            },
         )
-    return dg.AssetCheckResult(
-        passed=not short, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
-    )
+    yield dg.Output(None)
+
+
+def _covered(
+    context: dg.AssetCheckExecutionContext,
+    postgres: PostgresResource,
+    asset: dg.AssetsDefinition,
+    partitions_def: dg.TimeWindowPartitionsDefinition,
+    grain: str,
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    with postgres.connect() as conn:
+        rows = coverage(conn, grain, *_window(context))
+    for r in rows:
+        yield _evaluation(
+            asset,
+            MINUTES_COVERED,
+            partitions_def,
+            r.bucket,
+            r.complete,
+            blocking=False,
+            metadata={
+                "minutes_covered": r.minutes_covered or 0,
+                "minutes_expected": r.minutes_expected,
+            },
+        )
+    yield dg.Output(None)
 
 
 def _build(
-    asset: dg.AssetsDefinition, partitions_def: dg.PartitionsDefinition, grain: str
+    asset: dg.AssetsDefinition, partitions_def: dg.TimeWindowPartitionsDefinition, grain: str
 ) -> list[dg.AssetChecksDefinition]:
     def sums(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
-        return _sums_result(context, postgres, grain)
+        yield from _sums(context, postgres, asset, partitions_def, grain)
 
     def covered(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
-        return _coverage_result(context, postgres, grain)
+        yield from _covered(context, postgres, asset, partitions_def, grain)
 
     decorate: Callable = dg.asset_check(
         asset=asset,
