@@ -21,6 +21,7 @@ from energy_pipeline.devtools.bench.common import (
     index_raw,
     load_dataset,
     prepare_postgres,
+    reset_influx,
     wait_for_quiet_influx,
 )
 from energy_pipeline.devtools.bench.hierarchy import measure_hierarchy
@@ -63,6 +64,7 @@ def run_bench(
         say(f"preparing PostgreSQL and loading {span} minutes x {opts.devices} devices at 1 Hz")
         prepare_postgres(targets.pg_dsn, conn, fleet)
         conn.commit()
+        reset_influx(influx)
         result["load"] = load_dataset(influx, conn, fleet, start, span, opts.seed, say)
         say("indexing the raw PostgreSQL table")
         index_raw(conn)

@@ -25,6 +25,7 @@ from energy_pipeline.devtools.bench.common import (
     copy_raw,
     load_dataset,
     raw_source,
+    reset_influx,
     wait_for_quiet_influx,
 )
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
@@ -196,6 +197,7 @@ def measure_scaling(
         minute = start - timedelta(minutes=5 * (k + 1))
         influx = targets.influx(f"{targets.influx_database}_scale_{n}")
         upsert_devices(conn, fleet := build_fleet(n, seed=opts.seed))
+        reset_influx(influx)
         load_dataset(influx, None, fleet, minute, 2, opts.seed, lambda _m: None)
         databases[n] = (influx, minute)
     for influx, _ in databases.values():
