@@ -189,42 +189,21 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
     """Services, simulator, Dagster webserver and daemon, kept running until Ctrl-C or SIGTERM."""
+    from energy_pipeline.devtools import dagster_stack
     from energy_pipeline.devtools.supervisor import ChildSpec, Supervisor
 
     services_up(settings)
-    dagster_home = settings.data_dir / "dagster_home"
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(dagster_home),
-        "DAGSTER_PG_URL": settings.dagster_pg_url,
-    }
+    home = dagster_stack.dagster_home(settings.data_dir / "dagster_home")
+    env = dagster_stack.dagster_env(home, settings.dagster_pg_url)
     bin_dir = Path(sys.executable).parent
-    workspace = str(PROJECT_ROOT / "workspace.yaml")
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     commands = {
         "simulator": [str(bin_dir / "energy-pipeline"), "simulate", "--devices", str(args.devices)]
         + (["--faults", args.faults] if args.faults else []),
         # dagster-daemon with logging that stays readable through outages (daemon_logging.py).
-        "daemon": [
-            sys.executable,
-            "-m",
-            "energy_pipeline.devtools.daemon_logging",
-            "run",
-            "-w",
-            workspace,
-        ],
-        "webserver": [
-            str(bin_dir / "dagster-webserver"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(args.port),
-            "-w",
-            workspace,
-        ],
+        "daemon": dagster_stack.daemon_command(throttled_logging=True),
+        "webserver": dagster_stack.webserver_command(args.port),
     }
     supervisor = Supervisor(
         [

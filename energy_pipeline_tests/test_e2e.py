@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,7 +11,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from energy_pipeline.config import PROJECT_ROOT, dagster_storage_url
+from energy_pipeline.config import dagster_storage_url
+from energy_pipeline.devtools import dagster_stack
 from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
 
 pytestmark = pytest.mark.e2e
@@ -45,18 +41,17 @@ def _full_minutes(dsn: str) -> list[tuple]:
 
 
 def test_daemon_sensor_rolls_up_live_minutes(settings, dagster_db, tmp_path: Path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_PG_URL": dagster_storage_url(dagster_db),
-        "INFLUXDB_URL": settings.influx_url,
-        "INFLUXDB_DATABASE": settings.influx_database,
-        "ENERGY_PG_DSN": settings.pg_dsn,
-        "ENERGY_SETTLE_SECONDS": "2",
-    }
+    home = dagster_stack.dagster_home(tmp_path / "dagster_home")
+    env = dagster_stack.dagster_env(
+        home,
+        dagster_db,
+        {
+            "INFLUXDB_URL": settings.influx_url,
+            "INFLUXDB_DATABASE": settings.influx_database,
+            "ENERGY_PG_DSN": settings.pg_dsn,
+            "ENERGY_SETTLE_SECONDS": "2",
+        },
+    )
     stop = threading.Event()
     writer = threading.Thread(
         target=lambda: run_live(
@@ -65,13 +60,7 @@ def test_daemon_sensor_rolls_up_live_minutes(settings, dagster_db, tmp_path: Pat
         daemon=True,
     )
     writer.start()
-    daemon = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=open(tmp_path / "daemon.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
+    daemon = dagster_stack.start_daemon(env, tmp_path / "daemon.log")
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not _full_minutes(settings.pg_dsn):
@@ -87,11 +76,7 @@ def test_daemon_sensor_rolls_up_live_minutes(settings, dagster_db, tmp_path: Pat
         assert len(keys) == len(set(keys))
     finally:
         stop.set()
-        daemon.send_signal(signal.SIGINT)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        dagster_stack.stop(daemon)
         writer.join(timeout=10)
 
 

@@ -3,11 +3,8 @@ monitoring, stops blocking its minute, and rollups resume after a restart."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,7 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from energy_pipeline.config import PROJECT_ROOT, dagster_storage_url
+from energy_pipeline.config import PROJECT_ROOT
+from energy_pipeline.devtools import dagster_stack
 from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.scheduling import minutes_between, parse_partition_key
@@ -42,42 +40,10 @@ def dagster_db(pg_server) -> Iterator[str]:
 
 def _dagster_home(tmp_path: Path) -> Path:
     """DAGSTER_HOME with the project's dagster.yaml, run monitoring polling every 2 s."""
-    shipped = (PROJECT_ROOT / "dagster.yaml").read_text()
-    assert "max_runtime_seconds:" in shipped
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        shipped.replace("poll_interval_seconds: 30", "poll_interval_seconds: 2")
+    assert "max_runtime_seconds:" in (PROJECT_ROOT / "dagster.yaml").read_text()
+    return dagster_stack.dagster_home(
+        tmp_path / "dagster_home", {"poll_interval_seconds: 30": "poll_interval_seconds: 2"}
     )
-    return home
-
-
-def _start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen:
-    # Its own session, so the whole tree (daemon, code server, run workers) can be killed at once.
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _kill_tree(daemon: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(daemon.pid, sig)
-    except ProcessLookupError:
-        return
-    daemon.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(daemon.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(daemon.pid, signal.SIGKILL)
 
 
 def _wait(what: str, check: Callable[[], object], timeout_s: float, logs: list[Path]):
@@ -125,16 +91,17 @@ def _waiting_for_write_lock(dsn: str) -> bool:
 
 def test_killed_daemon_tree_leaves_no_stuck_minute(settings, dagster_db, tmp_path: Path):
     dagster_dsn = dagster_db
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(_dagster_home(tmp_path)),
-        "DAGSTER_PG_URL": dagster_storage_url(dagster_db),
-        "INFLUXDB_URL": settings.influx_url,
-        "INFLUXDB_DATABASE": settings.influx_database,
-        "ENERGY_PG_DSN": settings.pg_dsn,
-        "ENERGY_SETTLE_SECONDS": "1",
-        "ENERGY_RUN_TIMEOUT_SECONDS": str(RUN_TIMEOUT_SECONDS),
-    }
+    env = dagster_stack.dagster_env(
+        _dagster_home(tmp_path),
+        dagster_db,
+        {
+            "INFLUXDB_URL": settings.influx_url,
+            "INFLUXDB_DATABASE": settings.influx_database,
+            "ENERGY_PG_DSN": settings.pg_dsn,
+            "ENERGY_SETTLE_SECONDS": "1",
+            "ENERGY_RUN_TIMEOUT_SECONDS": str(RUN_TIMEOUT_SECONDS),
+        },
+    )
     logs = [tmp_path / "daemon-1.log", tmp_path / "daemon-2.log"]
     stop = threading.Event()
     writer = threading.Thread(
@@ -151,7 +118,7 @@ def test_killed_daemon_tree_leaves_no_stuck_minute(settings, dagster_db, tmp_pat
     # Hold the write lock every run takes, so the first run stays mid-run until the crash.
     lock = psycopg.connect(settings.pg_dsn, autocommit=True)
     lock.execute("SELECT pg_advisory_lock(hashtext(%s))", (MINUTE_WRITE_LOCK,))
-    daemons = [_start_daemon(env, logs[0])]
+    daemons = [dagster_stack.start_daemon(env, logs[0])]
     try:
 
         def blocked_run():
@@ -164,13 +131,14 @@ def test_killed_daemon_tree_leaves_no_stuck_minute(settings, dagster_db, tmp_pat
 
         run_id, tags = _wait("a run blocked mid-write", blocked_run, 120, logs)
         lost = _minutes(tags)
-        _kill_tree(daemons[0])
+        # A crash of the whole tree: daemon, code server and the run worker at once.
+        dagster_stack.stop(daemons[0], signal.SIGKILL, whole_session=True)
         killed_at = datetime.now(UTC)
         lock.close()
         assert _runs(dagster_dsn)[run_id][0] == "STARTED"  # orphaned: nobody will finish it
         assert not set(lost) & _ledger(settings.pg_dsn)
 
-        daemons.append(_start_daemon(env, logs[1]))
+        daemons.append(dagster_stack.start_daemon(env, logs[1]))
         _wait(
             "run monitoring to fail the orphan",
             lambda: _runs(dagster_dsn)[run_id][0] == "FAILURE",
@@ -202,6 +170,6 @@ def test_killed_daemon_tree_leaves_no_stuck_minute(settings, dagster_db, tmp_pat
             lock.close()
         for daemon in daemons:
             if daemon.poll() is None:
-                _kill_tree(daemon, signal.SIGINT)
+                dagster_stack.stop(daemon, signal.SIGINT, whole_session=True)
         writer.join(timeout=10)
         shutil.rmtree(tmp_path / "dagster_home", ignore_errors=True)

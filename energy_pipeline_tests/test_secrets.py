@@ -211,45 +211,29 @@ def test_influx_url_userinfo_is_basic_auth_and_never_shown():
 @pytest.mark.parametrize("which", [0, 1])
 def test_daemon_log_and_compute_logs_keep_the_password_out(settings, pg_server, tmp_path, which):
     """The Dagster daemon, loading the code with a DSN it cannot use, logs no password."""
-    import shutil
-    import signal
     import time
 
-    from energy_pipeline.config import PROJECT_ROOT
+    from energy_pipeline.devtools import dagster_stack
 
     dagster_db = f"dagster_{uuid.uuid4().hex[:8]}"
     pg_server.create_database(dagster_db)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_PG_URL": pg_server.dsn(dagster_db).replace(
-            "postgresql://", "postgresql+psycopg2://"
-        ),
-        "INFLUXDB_URL": settings.influx_url,
-        "INFLUXDB_DATABASE": settings.influx_database,
-        "ENERGY_PG_DSN": dead_dsns(pg_server)[which],
-        "ENERGY_SETTLE_SECONDS": "1",
-    }
+    home = dagster_stack.dagster_home(tmp_path / "dagster_home")
+    env = dagster_stack.dagster_env(
+        home,
+        pg_server.dsn(dagster_db),
+        {
+            "INFLUXDB_URL": settings.influx_url,
+            "INFLUXDB_DATABASE": settings.influx_database,
+            "ENERGY_PG_DSN": dead_dsns(pg_server)[which],
+            "ENERGY_SETTLE_SECONDS": "1",
+        },
+    )
     log = tmp_path / "daemon.log"
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            time.sleep(40)  # code location loads, sensors tick (and fail) several times
-        finally:
-            daemon.send_signal(signal.SIGINT)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+    daemon = dagster_stack.start_daemon(env, log)
+    try:
+        time.sleep(40)  # code location loads, sensors tick (and fail) several times
+    finally:
+        dagster_stack.stop(daemon)
     text = log.read_text(errors="replace")
     files = [p for p in home.rglob("*") if p.is_file()]
     assert_clean(text, *(p.read_text(errors="replace") for p in files))
