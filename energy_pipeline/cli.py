@@ -194,7 +194,9 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
 
     services_up(settings)
     home = dagster_stack.dagster_home(settings.data_dir / "dagster_home")
-    env = dagster_stack.dagster_env(home, settings.dagster_pg_url)
+    # The daemon's partition window sensor reloads the code location in this webserver.
+    webserver = {"DAGSTER_WEBSERVER_URL": f"http://127.0.0.1:{args.port}"}
+    env = dagster_stack.dagster_env(home, settings.dagster_pg_url, webserver)
     bin_dir = Path(sys.executable).parent
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,7 @@ class Settings:
     chunk_minutes: int = 5
     read_parallelism: int = READ_PARALLELISM
     run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
+    webserver_url: str = "http://127.0.0.1:3000"
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
     # from the environment: Dagster gets them as EnvVars, resolved at run time.
@@ -223,6 +224,9 @@ class Settings:
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
             read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10),
             run_timeout_seconds=_int(env, "ENERGY_RUN_TIMEOUT_SECONDS", RUN_TIMEOUT_SECONDS, 10),
+            webserver_url=validate_http_url(
+                "DAGSTER_WEBSERVER_URL", env.get("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000"
+            ),
             secrets={
                 k: env[k]
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")

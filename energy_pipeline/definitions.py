@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from energy_pipeline.config import Settings
-from energy_pipeline.defs import hierarchy, minute_rollups
+from energy_pipeline.defs import hierarchy, minute_rollups, partition_window
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
 from energy_pipeline.resources import InfluxDBResource, PostgresResource
 
@@ -55,9 +55,14 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Definitions:
     """Every domain's assets, checks and sensors, with the shared resources."""
-    return dg.Definitions.merge(
+    domains = [
         minute_rollups.build_defs(now or datetime.now(UTC), settings.raw_retention_days),
         hierarchy.build_defs(settings.lateness_seconds, settings.run_timeout_seconds),
+    ]
+    return dg.Definitions.merge(
+        *domains,
+        # Partition starts follow the clock at load: keeps the webserver loading them daily.
+        partition_window.build_defs(domains, settings.webserver_url),
         dg.Definitions(
             resources=build_resources(settings),
             # Rollup runs are small: run their steps in the run's own process, not one per step.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
 MINUTE = timedelta(minutes=1)
@@ -25,7 +25,9 @@ def partitions_start(now: datetime, retention_days: int) -> datetime:
     """First minute partition: the start of the UTC day `retention_days` before now.
 
     Keeping the set to the raw-data retention window bounds it to (retention_days + 1) * 1440
-    partitions, well under Dagster's advised 100,000 per asset.
+    partitions, well under Dagster's advised 100,000 per asset, as long as the code is loaded
+    again each day: the start moves only at UTC midnight, and only when the code location
+    reloads (see `stale_partition_starts` and docs/design.md, "Partition window").
     """
     day = (now.astimezone(UTC) - timedelta(days=retention_days)).date()
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
@@ -65,3 +67,14 @@ def new_minutes(
     """Minutes not requested yet: after the cursor (or just the newest one on a first start)."""
     first = newest_due if last_requested is None else last_requested + MINUTE
     return minutes_between(max(first, earliest), newest_due)
+
+
+def stale_partition_starts(
+    shown: Mapping[str, datetime | None], current: Mapping[str, datetime]
+) -> list[str]:
+    """Assets whose first partition, as another process shows it (`shown`), precedes the start of
+    the partitions built from the clock now (`current`): that process loaded the code on an
+    earlier day and must reload it. An asset it does not show (None) is not stale."""
+    return sorted(
+        name for name, start in current.items() if (s := shown.get(name)) is not None and s < start
+    )
