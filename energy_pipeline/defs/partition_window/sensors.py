@@ -41,12 +41,16 @@ class DagsterWebserverResource(dg.ConfigurableResource):
 
     url: str = "http://127.0.0.1:3000"
     timeout_s: float = 10.0
+    # A reload answers once the location has loaded again (a new code server imports the code).
+    reload_timeout_s: float = 180.0
 
-    def _graphql(self, query: str, variables: Mapping[str, Any]) -> dict[str, Any]:
+    def _graphql(
+        self, query: str, variables: Mapping[str, Any], timeout_s: float | None = None
+    ) -> dict[str, Any]:
         response = requests.post(
             f"{self.url.rstrip('/')}/graphql",
             json={"query": query, "variables": dict(variables)},
-            timeout=self.timeout_s,
+            timeout=timeout_s or self.timeout_s,
         )
         response.raise_for_status()
         body = response.json()
@@ -68,7 +72,9 @@ class DagsterWebserverResource(dg.ConfigurableResource):
 
     def reload_location(self, location: str) -> None:
         """Has the webserver load the code location again (as its "Reload" button does)."""
-        result = self._graphql(_RELOAD, {"location": location})["reloadRepositoryLocation"]
+        result = self._graphql(_RELOAD, {"location": location}, self.reload_timeout_s)[
+            "reloadRepositoryLocation"
+        ]
         if result["__typename"] != "WorkspaceLocationEntry":
             raise WebserverError(
                 f"reloading {location} gave {result['__typename']}: {result.get('message', '')}"
