@@ -46,8 +46,15 @@ BEGIN
     -- Only honoured when a session logs in as bi_reader itself; login members get the same
     -- settings per user (README). Needs CREATEROLE, which the first run had.
     IF may_create THEN
-        ALTER ROLE bi_reader SET default_transaction_read_only = on;
-        ALTER ROLE bi_reader SET statement_timeout = '{BI_STATEMENT_TIMEOUT}';
+        -- pg_db_role_setting is shared by every database of the cluster: migrations of two
+        -- databases at once may set these together ("tuple concurrently updated"), and then
+        -- the other one has set the same values.
+        BEGIN
+            ALTER ROLE bi_reader SET default_transaction_read_only = on;
+            ALTER ROLE bi_reader SET statement_timeout = '{BI_STATEMENT_TIMEOUT}';
+        EXCEPTION WHEN internal_error THEN
+            NULL;
+        END;
     END IF;
 END $$;
 
