@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -16,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from energy_pipeline.config import PROJECT_ROOT, Settings, dagster_storage_url
+from energy_pipeline.config import Settings
 from energy_pipeline.devtools.bench.common import (
     BenchOptions,
     BenchTargets,
@@ -24,6 +20,8 @@ from energy_pipeline.devtools.bench.common import (
     pct,
     prepare_postgres,
 )
+from energy_pipeline.devtools.dagster_stack import dagster_env, dagster_home, start_daemon
+from energy_pipeline.devtools.dagster_stack import stop as stop_process
 from energy_pipeline.devtools.simulator import build_fleet
 from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_live
 from energy_pipeline.hierarchy import HOUSEHOLD_5M
@@ -93,16 +91,16 @@ def measure_live(
     settings = dataclasses_replace(settings, influx_url=targets.influx_url)
     with connect(live_pg_dsn) as conn:
         prepare_postgres(live_pg_dsn, conn, build_fleet(opts.devices, seed=opts.seed))
-    home = Path(tempfile.mkdtemp(prefix="bench-dagster-"))
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_PG_URL": dagster_storage_url(dagster_dsn),
-        "INFLUXDB_URL": targets.influx_url,
-        "INFLUXDB_DATABASE": live_db,
-        "ENERGY_PG_DSN": live_pg_dsn,
-    }
+    home = dagster_home(Path(tempfile.mkdtemp(prefix="bench-dagster-")))
+    env = dagster_env(
+        home,
+        dagster_dsn,
+        {
+            "INFLUXDB_URL": targets.influx_url,
+            "INFLUXDB_DATABASE": live_db,
+            "ENERGY_PG_DSN": live_pg_dsn,
+        },
+    )
     stop = threading.Event()
     writer = threading.Thread(
         target=run_live,
@@ -111,11 +109,7 @@ def measure_live(
     )
     began = time.time()
     writer.start()
-    log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    daemon = start_daemon(env, home / "daemon.log")
     lags: list[float] = []
     full = opts.devices * 60 * 0.99
     try:
@@ -136,12 +130,9 @@ def measure_live(
                     f"{lags[-1] if lags else float('nan'):.1f} s")  # fmt: skip
     finally:
         stop.set()
-        daemon.send_signal(2)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        log.close()
+        # SIGINT lets the daemon stop its threads and code server; what is left of its session
+        # (run workers) is killed after the timeout.
+        stop_process(daemon, timeout_s=60)
         writer.join(timeout=30)
     runs = _dagster_run_timings(dagster_dsn, began + 120)
     windows = _household_window_timings(live_pg_dsn, began + 120)
