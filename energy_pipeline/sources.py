@@ -53,6 +53,9 @@ class Column:
 
     field: str
     kind: str  # float (InfluxDB casts integers to it), string or boolean
+    # A field with one type in every shard is selected as it is: the cast costs InfluxDB time
+    # (about a tenth of a minute's read here) and changes nothing then.
+    cast: bool = True
 
     @property
     def alias(self) -> str:
@@ -62,7 +65,7 @@ class Column:
 
     @property
     def expr(self) -> str:
-        return f"{quote_ident(self.field)}::{self.kind}"
+        return quote_ident(self.field) + (f"::{self.kind}" if self.cast else "")
 
     @property
     def dtype(self) -> pl.DataType:
@@ -81,7 +84,10 @@ def read_columns(field_types: Mapping[str, Iterable[str]]) -> list[Column]:
     }
     columns = []
     for f in FIELDS:
-        columns.append(Column(f, "float"))
+        one_numeric_type = len(set(field_types.get(f, ()))) <= 1 and kinds.get(f, set()) <= {
+            "float"
+        }
+        columns.append(Column(f, "float", cast=not one_numeric_type))
         columns += [Column(f, k) for k in ("string", "boolean") if k in kinds.get(f, ())]
     for t in TAGS:
         columns += [Column(t, k) for k in ("float", "string", "boolean") if k in kinds.get(t, ())]
@@ -104,8 +110,12 @@ def raw_points_query(measurement: str, columns: Iterable[Column], condition: str
     order across all series. InfluxDB then skips merging 5,000 series point by point: a 60-minute
     read of compacted history took half the time here, and a fresh minute was no slower.
     """
+    columns = list(columns)
+    # A field named like a tag takes the tag's place in SELECT unless the tag is cast as a tag.
+    shadowed = any(c.field in TAGS for c in columns)
+    tag = "::tag" if shadowed else ""
     selected = [f"{c.expr} AS {quote_ident(c.alias)}" for c in columns]
-    selected += [f"{quote_ident(t)}::tag AS {quote_ident(t)}" for t in TAGS]
+    selected += [f"{quote_ident(t)}{tag} AS {quote_ident(t)}" for t in TAGS]
     return (
         f"SELECT {', '.join(selected)} FROM {quote_ident(measurement)} "
         f'WHERE time >= $start AND time < $end{condition} GROUP BY "device_id"'
