@@ -169,7 +169,7 @@ class Settings:
     lateness_seconds: int = 7200
     late_audit_extra_seconds: int = 3600
     late_recent_seconds: int = 900
-    late_full_scan_seconds: int = 900
+    late_full_scan_seconds: int = 2700
     max_range_minutes: int = 60
     chunk_minutes: int = 5
     read_parallelism: int = READ_PARALLELISM
@@ -219,7 +219,7 @@ class Settings:
             lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),
             late_audit_extra_seconds=_int(env, "ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600),
             late_recent_seconds=_int(env, "ENERGY_LATE_RECENT_SECONDS", 900, 60),
-            late_full_scan_seconds=_int(env, "ENERGY_LATE_FULL_SCAN_SECONDS", 900),
+            late_full_scan_seconds=_int(env, "ENERGY_LATE_FULL_SCAN_SECONDS", 2700),
             max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
             chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
             read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10),

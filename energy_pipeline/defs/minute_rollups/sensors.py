@@ -31,7 +31,8 @@ from energy_pipeline.scheduling import (
     parse_partition_key,
     partition_key,
 )
-from energy_pipeline.sources import RawSource, late_minutes
+from energy_pipeline.schemas import CHECKSUM_COLUMNS
+from energy_pipeline.sources import COUNTED, RawSource, late_minutes
 from energy_pipeline.storage import (
     ledger_between,
     record_late_points_ignored,
@@ -367,9 +368,14 @@ def build_late_data_sensor(
             return dg.SensorResult(skip_reason="nothing rolled up yet", cursor=context.cursor)
         new_cursor = json.dumps({"full_scan_at": check.full_scan_at})
         source = influxdb.source()
-        current = source.checksums(check.start, check.end)
+        # Recent ticks count points (late points, at the old check's cost); full scans compare
+        # checksums, which also see values re-written with a correction (three times the cost).
+        if check.full_scan:
+            current, compared = source.checksums(check.start, check.end), CHECKSUM_COLUMNS
+        else:
+            current, compared = source.counts(check.start, check.end), COUNTED
         with postgres.connect() as conn:
-            late = late_minutes(current, ledger_between(conn, check.start, check.end))
+            late = late_minutes(current, ledger_between(conn, check.start, check.end), compared)
             if check.full_scan:
                 _audit_out_of_range(context, source, conn, earliest, now)
             busy = in_flight_minutes(context.instance, now, s.run_timeout_seconds)

@@ -12,7 +12,7 @@ class MinuteSensorSettings(dg.ConfigurableResource):
     lateness_seconds: int = 7200
     late_audit_extra_seconds: int = 3600
     late_recent_seconds: int = 900
-    late_full_scan_seconds: int = 900
+    late_full_scan_seconds: int = 2700
     max_range_minutes: int = 60
     raw_retention_days: int = 30
     run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
