@@ -26,7 +26,7 @@ from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.services import LocalInflux, free_port
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
 from energy_pipeline.influx import InfluxClient, InfluxLimitError, to_ns
-from energy_pipeline.sources import current_checksums, late_minutes
+from energy_pipeline.sources import COUNTED, current_checksums, late_minutes
 from energy_pipeline_tests.helpers import base_minute, fetch_quarantine, materialize_minutes
 
 NS = 1_000_000_000
@@ -330,3 +330,28 @@ def test_points_dated_outside_every_partition_are_counted(settings, influx_db, c
             "SELECT side, points FROM energy.raw_out_of_range ORDER BY side"
         ).fetchall()
     assert rows == [("after", 4), ("before", 1)]
+
+
+def test_recent_ticks_compare_counts_and_full_scans_compare_checksums():
+    bucket = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    ledger = pl.DataFrame(
+        {
+            "bucket": [bucket, bucket + timedelta(minutes=1)],
+            "power_w_points": [60, 60],
+            "power_w_sum": [6000.0, 6000.0],
+            "energy_wh_points": [60, 60],
+            "energy_wh_sum": [1.5, 1.5],
+            "voltage_v_points": [60, 60],
+            "voltage_v_sum": [13_800.0, 13_800.0],
+            "late_points_ignored": [0, 0],
+        }
+    )
+    # Minute 0 got a corrected value, minute 1 a late point.
+    now = ledger.drop("late_points_ignored").with_columns(
+        pl.Series("power_w_sum", [6100.0, 6010.0]), pl.Series("power_w_points", [60, 61])
+    )
+    counted = late_minutes(now.select("bucket", *COUNTED), ledger, COUNTED)
+    assert counted["bucket"].to_list() == [bucket + timedelta(minutes=1)]
+    full = late_minutes(now, ledger)
+    assert full["bucket"].to_list() == [bucket, bucket + timedelta(minutes=1)]
+    assert full["extra_points"].to_list() == [1, 1]
