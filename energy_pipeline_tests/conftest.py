@@ -89,3 +89,15 @@ def settings(
         settle_seconds=0,
         chunk_minutes=2,
     )
+
+
+@pytest.fixture
+def dagster_db(pg_server: LocalPostgres) -> Iterator[str]:
+    """A fresh database for a Dagster instance's storage, dropped after the test."""
+    name = f"dagster_{uuid.uuid4().hex[:8]}"
+    pg_server.create_database(name)
+    yield pg_server.dsn(name)
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from energy_pipeline.config import dagster_storage_url
 from energy_pipeline.devtools import dagster_stack
@@ -17,17 +15,6 @@ from energy_pipeline.devtools.telemetry_writer import SimulationOptions, run_liv
 
 pytestmark = pytest.mark.e2e
 DEVICES = 10
-
-
-@pytest.fixture
-def dagster_db(pg_server):
-    name = f"dagster_{uuid.uuid4().hex[:8]}"
-    pg_server.create_database(name)
-    yield pg_server.dsn(name)
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def _full_minutes(dsn: str) -> list[tuple]:

@@ -7,14 +7,12 @@ import shutil
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from energy_pipeline.config import PROJECT_ROOT
 from energy_pipeline.devtools import dagster_stack
@@ -25,17 +23,6 @@ from energy_pipeline.storage import MINUTE_WRITE_LOCK
 
 pytestmark = pytest.mark.e2e
 RUN_TIMEOUT_SECONDS = 20
-
-
-@pytest.fixture
-def dagster_db(pg_server) -> Iterator[str]:
-    name = f"dagster_{uuid.uuid4().hex[:8]}"
-    pg_server.create_database(name)
-    yield pg_server.dsn(name)
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def _dagster_home(tmp_path: Path) -> Path:

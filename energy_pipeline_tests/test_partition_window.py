@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
-import psycopg
 import pytest
 import requests
-from psycopg import sql
 
 from energy_pipeline.config import PROJECT_ROOT
 from energy_pipeline.definitions import build_definitions
@@ -137,17 +133,6 @@ def _wait_loaded(url: str, proc, log: Path, timeout_s: float = 120) -> None:
             pass
         time.sleep(1)
     pytest.fail(f"webserver did not load the code location\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture
-def dagster_db(pg_server) -> Iterator[str]:
-    name = f"dagster_{uuid.uuid4().hex[:8]}"
-    pg_server.create_database(name)
-    yield pg_server.dsn(name)
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 @pytest.mark.e2e
