@@ -66,13 +66,14 @@ def _run(dsn: str, action: str, revision: str) -> None:
     raise MigrationError(f"migrating {redact_dsn(dsn)} failed: {detail}")
 
 
-def upgrade(dsn: str, revision: str = "head") -> None:
+def upgrade(dsn: str, revision: str = "heads") -> None:
     """Bring the database at `dsn` to `revision` (idempotent; safe to run concurrently).
 
-    At head, also makes sure the minute rollup's day partitions around today exist.
+    Domains after the rollup hierarchy (alerts, reports, retention) each branch from 0005, so the
+    newest schema is every head. There, also makes sure the day partitions around today exist.
     """
     _run(dsn, "upgrade", revision)
-    if revision == "head":
+    if revision in ("head", "heads"):
         from energy_pipeline.storage import connect, create_partitions
 
         today = datetime.now(UTC).date()
