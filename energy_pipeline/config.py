@@ -175,6 +175,13 @@ class Settings:
     read_parallelism: int = READ_PARALLELISM
     run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
     webserver_url: str = "http://127.0.0.1:3000"
+    # Retention horizons in days (0: kept forever); see energy_pipeline/retention.py.
+    retention_device_rollup_1m_days: int = 35
+    retention_household_rollup_5m_days: int = 400
+    retention_device_rollup_1h_days: int = 0
+    retention_daily_report_days: int = 0
+    retention_quarantine_days: int = 30
+    retention_alerts_days: int = 400
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
     # from the environment: Dagster gets them as EnvVars, resolved at run time.
@@ -227,6 +234,14 @@ class Settings:
             webserver_url=validate_http_url(
                 "DAGSTER_WEBSERVER_URL", env.get("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000"
             ),
+            retention_device_rollup_1m_days=_int(env, "ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS", 35),
+            retention_household_rollup_5m_days=_int(
+                env, "ENERGY_RETENTION_HOUSEHOLD_ROLLUP_5M_DAYS", 400
+            ),
+            retention_device_rollup_1h_days=_int(env, "ENERGY_RETENTION_DEVICE_ROLLUP_1H_DAYS", 0),
+            retention_daily_report_days=_int(env, "ENERGY_RETENTION_DAILY_REPORT_DAYS", 0),
+            retention_quarantine_days=_int(env, "ENERGY_RETENTION_QUARANTINE_DAYS", 30),
+            retention_alerts_days=_int(env, "ENERGY_RETENTION_ALERTS_DAYS", 400),
             secrets={
                 k: env[k]
                 for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")
@@ -242,4 +257,7 @@ class Settings:
                 "ENERGY_RAW_RETENTION_DAYS above 65 would exceed Dagster's advised 100,000 minute "
                 "partitions per asset"
             )
+        from energy_pipeline.retention import validate_horizons
+
+        validate_horizons(settings)
         return settings

@@ -1,0 +1,366 @@
+"""Retention of the `energy` schema: horizons, dropping day partitions, dry runs, locks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+import pytest
+
+from energy_pipeline import retention
+from energy_pipeline.config import ConfigError, Settings
+from energy_pipeline.retention import (
+    Horizon,
+    RetentionError,
+    cutoff,
+    expired_days,
+    format_report,
+    run_retention,
+    validate_horizons,
+)
+from energy_pipeline.storage import connect, create_partitions
+
+NOW = datetime(2026, 11, 28, 12, 30, tzinfo=UTC)
+LATENESS = timedelta(hours=2)
+DAYS = [NOW.date() - timedelta(days=n) for n in range(6, -1, -1)]  # 6 days ago .. today
+SHORT = (
+    Horizon("device_rollup_1m", 3, "X"),
+    Horizon("household_rollup_5m", 4, "X"),
+    Horizon("device_rollup_1h", 0, "X"),
+    Horizon("quarantine", 2, "X"),
+    Horizon("household_daily_report", 0, "X"),
+    Horizon("alerts", 5, "X"),
+)
+
+
+# --- Planning ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("days", "lateness", "expected"),
+    [
+        (0, LATENESS, None),
+        (3, LATENESS, NOW - timedelta(days=3)),
+        # The lateness window wins over a shorter horizon: nothing inside it is ever removed.
+        (1, timedelta(days=2), NOW - timedelta(days=2)),
+    ],
+)
+def test_cutoff(days, lateness, expected):
+    assert cutoff(NOW, days, lateness) == expected
+
+
+def test_expired_days_are_whole_days_before_the_cutoff():
+    cut = datetime(2026, 11, 25, 12, 30, tzinfo=UTC)
+    days = [date(2026, 11, d) for d in (22, 23, 24, 25, 26)]
+    # The 24th ends at the 25th 00:00 <= cut; the 25th still holds data newer than the cutoff.
+    assert expired_days(days, cut) == [date(2026, 11, 22), date(2026, 11, 23), date(2026, 11, 24)]
+    assert expired_days(days, None) == []
+    assert expired_days(days, datetime(2026, 11, 23, tzinfo=UTC)) == [date(2026, 11, 22)]
+
+
+def test_default_horizons_are_valid():
+    s = Settings.from_env({})
+    assert (s.retention_device_rollup_1m_days, s.retention_household_rollup_5m_days) == (35, 400)
+    assert (s.retention_device_rollup_1h_days, s.retention_daily_report_days) == (0, 0)
+    assert (s.retention_quarantine_days, s.retention_alerts_days) == (30, 400)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS": "20"}, "minute partition window (31 days"),
+        ({"ENERGY_RETENTION_HOUSEHOLD_ROLLUP_5M_DAYS": "30"}, "minute partition window"),
+        (
+            {"ENERGY_RETENTION_QUARANTINE_DAYS": "1", "ENERGY_LATENESS_SECONDS": "86400"},
+            "ENERGY_RETENTION_QUARANTINE_DAYS (1 days) must be longer than the lateness window",
+        ),
+        (
+            {"ENERGY_RAW_RETENTION_DAYS": "2", "ENERGY_LATENESS_SECONDS": "172800"},
+            "ENERGY_RAW_RETENTION_DAYS (2) must be longer than the lateness window",
+        ),
+        ({"ENERGY_RETENTION_ALERTS_DAYS": "-1"}, "must be >= 0"),
+    ],
+)
+def test_horizons_inside_the_lateness_or_minute_window_are_refused(env, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_zero_keeps_forever_and_short_raw_retention_moves_the_bound():
+    s = Settings.from_env(
+        {"ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS": "0", "ENERGY_RETENTION_QUARANTINE_DAYS": "0"}
+    )
+    assert s.retention_device_rollup_1m_days == 0
+    validate_horizons(replace(s, raw_retention_days=3, retention_device_rollup_1m_days=4))
+    with pytest.raises(ConfigError):
+        validate_horizons(replace(s, raw_retention_days=3, retention_device_rollup_1m_days=3))
+
+
+# --- Against PostgreSQL -------------------------------------------------------------------------
+
+
+def _fill(conn: psycopg.Connection) -> None:
+    """Partitions for DAYS in every day-partitioned table, a few rows per day, ledger rows per
+    minute and window, and quarantine rows."""
+    for table in retention.PARTITIONED_TABLES:
+        create_partitions(conn, table, DAYS[0], DAYS[-1])
+    with conn.transaction():
+        for day in DAYS:
+            start = retention.day_start(day)
+            for m in range(0, 12 * 60, 60):  # one minute an hour, 12 hours of the day
+                bucket = start + timedelta(minutes=m)
+                for dev in ("d1", "d2"):
+                    conn.execute(
+                        "INSERT INTO energy.device_rollup_1m (device_id, bucket, household_id, "
+                        "sample_count, energy_wh_sum, computed_at) "
+                        "VALUES (%s, %s, 'h1', 60, 1, %s)",
+                        (dev, bucket, NOW),
+                    )
+                    conn.execute(
+                        "INSERT INTO energy.device_rollup_1h (device_id, bucket, household_id, "
+                        "sample_count, energy_wh_sum, computed_at) "
+                        "VALUES (%s, %s, 'h1', 60, 1, %s)",
+                        (dev, bucket, NOW),
+                    )
+                conn.execute(
+                    "INSERT INTO energy.household_rollup_5m (household_id, bucket, device_count, "
+                    "sample_count, energy_wh_sum, computed_at) VALUES ('h1', %s, 2, 120, 2, %s)",
+                    (bucket, NOW),
+                )
+                conn.execute(
+                    "INSERT INTO energy.rollup_minutes (bucket, points_read, power_w_points, "
+                    "energy_wh_points, duplicates_dropped, rejected, devices, computed_at) "
+                    "VALUES (%s, 120, 120, 120, 0, 0, 2, %s)",
+                    (bucket, NOW),
+                )
+                for grain, expected in (("household_rollup_5m", 5), ("device_rollup_1h", 60)):
+                    conn.execute(
+                        "INSERT INTO energy.rollup_windows (grain, bucket, minutes_covered, "
+                        "minutes_expected, computed_at) VALUES (%s, %s, 1, %s, %s)",
+                        (grain, bucket, expected, NOW),
+                    )
+                conn.execute(
+                    "INSERT INTO energy.quarantine (source, bucket, device_id, reason) "
+                    "VALUES ('device_rollup_1m', %s, 'd1', 'negative')",
+                    (bucket,),
+                )
+
+
+def _days(conn: psycopg.Connection, table: str, column: str = "bucket") -> dict[date, int]:
+    rows = conn.execute(
+        f"SELECT ({column} AT TIME ZONE 'UTC')::date, count(*) FROM energy.{table} GROUP BY 1"
+    ).fetchall()
+    return dict(rows)
+
+
+def _window_days(conn: psycopg.Connection, grain: str) -> dict[date, int]:
+    rows = conn.execute(
+        "SELECT (bucket AT TIME ZONE 'UTC')::date, count(*) FROM energy.rollup_windows "
+        "WHERE grain = %s GROUP BY 1",
+        (grain,),
+    ).fetchall()
+    return dict(rows)
+
+
+def _partition_days(conn: psycopg.Connection, table: str) -> list[date]:
+    return [p.day for p in retention.day_partitions(conn, table)]
+
+
+def _state(conn: psycopg.Connection) -> dict:
+    """Everything retention could change: rows per day and table, partitions, ledgers."""
+    tables = (*retention.PARTITIONED_TABLES, "rollup_minutes", "quarantine")
+    return {
+        "rows": {t: _days(conn, t) for t in tables},
+        "windows": {g: _window_days(conn, g) for g in ("household_rollup_5m", "device_rollup_1h")},
+        "partitions": {t: _partition_days(conn, t) for t in retention.PARTITIONED_TABLES},
+    }
+
+
+@pytest.fixture
+def filled(pg_dsn):
+    with connect(pg_dsn) as conn:
+        _fill(conn)
+        yield conn
+
+
+def test_drops_exactly_the_days_past_each_horizon_and_their_ledger_rows(filled):
+    conn = filled
+    before = _state(conn)
+    report = run_retention(conn, SHORT, LATENESS, NOW)
+    after = _state(conn)
+
+    # device_rollup_1m: cutoff 3 days back (25th 12:30): the 22nd..24th go, the 25th stays.
+    gone_1m = [d for d in DAYS if d <= NOW.date() - timedelta(days=4)]
+    assert report.tables["device_rollup_1m"].partitions_dropped == gone_1m
+    assert len(gone_1m) == 3
+    kept = [d for d in DAYS if d not in gone_1m]
+    assert sorted(after["rows"]["device_rollup_1m"]) == kept
+    assert all(
+        after["rows"]["device_rollup_1m"][d] == before["rows"]["device_rollup_1m"][d] for d in kept
+    )
+    assert sorted(after["rows"]["rollup_minutes"]) == kept
+    assert after["partitions"]["device_rollup_1m"][: len(kept)] == kept
+    assert report.tables["device_rollup_1m"].rows_removed == 3 * 24
+    assert report.tables["rollup_minutes"].rows_removed == 3 * 12
+
+    # household_rollup_5m: 4 days; its windows go with it, the hourly ones stay (kept forever).
+    gone_5m = [d for d in DAYS if d <= NOW.date() - timedelta(days=5)]
+    assert report.tables["household_rollup_5m"].partitions_dropped == gone_5m
+    assert sorted(after["windows"]["household_rollup_5m"]) == [d for d in DAYS if d not in gone_5m]
+    assert after["windows"]["device_rollup_1h"] == before["windows"]["device_rollup_1h"]
+    assert after["rows"]["device_rollup_1h"] == before["rows"]["device_rollup_1h"]
+    assert report.tables["device_rollup_1h"].partitions_dropped == []
+
+    # quarantine: rows, not partitions, older than 2 days (26th 12:30): 4 whole days and the
+    # 26th's twelve rows (00:00..11:00).
+    assert report.tables["quarantine"].rows_removed == 5 * 12
+    q_cut = NOW - timedelta(days=2)
+    left = conn.execute("SELECT min(bucket) FROM energy.quarantine").fetchone()
+    assert left is not None and left[0] >= q_cut
+    assert report.tables["device_rollup_1m"].bytes_freed > 0
+    # Partitions stay created ahead.
+    assert _partition_days(conn, "device_rollup_1m")[-1] == NOW.date() + timedelta(days=7)
+    assert "device_rollup_1m" in format_report(report)
+
+
+def test_dry_run_changes_nothing_and_plans_what_the_real_run_does(filled):
+    conn = filled
+    before = _state(conn)
+    dry = run_retention(conn, SHORT, LATENESS, NOW, dry_run=True)
+    assert _state(conn) == before
+    assert dry.dry_run and "dry run: nothing changed" in format_report(dry)
+    assert dry.partitions_dropped == 5 and dry.rows_removed > 0
+
+    real = run_retention(conn, SHORT, LATENESS, NOW)
+    for name, planned in dry.tables.items():
+        done = real.tables[name]
+        assert (planned.partitions_dropped, planned.rows_removed) == (
+            done.partitions_dropped,
+            done.rows_removed,
+        ), name
+    # The plan's size estimate for dropped partitions is what dropping them freed.
+    assert dry.tables["device_rollup_1m"].bytes_freed == real.tables["device_rollup_1m"].bytes_freed
+
+
+def test_second_run_removes_nothing(filled):
+    conn = filled
+    first = run_retention(conn, SHORT, LATENESS, NOW)
+    state = _state(conn)
+    second = run_retention(conn, SHORT, LATENESS, NOW)
+    assert first.rows_removed > 0
+    assert (second.partitions_dropped, second.rows_removed, second.partitions_created) == (0, 0, 0)
+    assert _state(conn) == state
+
+
+def test_an_interrupted_detach_is_finished_by_the_next_run(filled):
+    conn = filled
+    # A run that died between DETACH and DROP leaves a standalone table with the partition's name.
+    day = DAYS[0]
+    conn.execute(
+        "ALTER TABLE energy.device_rollup_1m DETACH PARTITION "
+        f"energy.device_rollup_1m_p{day:%Y%m%d}"
+    )
+    report = run_retention(conn, SHORT, LATENESS, NOW)
+    assert day in report.tables["device_rollup_1m"].partitions_dropped
+    assert day not in _partition_days(conn, "device_rollup_1m")
+    assert day not in _days(conn, "rollup_minutes")
+
+
+def test_a_reader_holding_an_old_partition_makes_retention_fail_clearly_not_hang(filled, pg_dsn):
+    conn = filled
+    holding, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with psycopg.connect(pg_dsn) as r, r.transaction():
+            r.execute(
+                "SELECT count(*) FROM energy.device_rollup_1m WHERE bucket < %s",
+                (retention.day_start(DAYS[1]),),
+            )
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(RetentionError, match="lock was not granted within 300 ms"):
+            run_retention(conn, SHORT, LATENESS, NOW, lock_timeout_ms=300)
+        assert time.monotonic() - started < 10
+        # Whatever was done is consistent: a dropped day has no ledger rows, a kept one all.
+        partitions, ledger = (
+            _partition_days(conn, "device_rollup_1m"),
+            _days(conn, "rollup_minutes"),
+        )
+        for day in DAYS:
+            assert (day in ledger) == (day in partitions), day
+    finally:
+        release.set()
+        t.join()
+    report = run_retention(conn, SHORT, LATENESS, NOW, lock_timeout_ms=300)
+    assert _partition_days(conn, "device_rollup_1m")[0] == DAYS[3]
+    assert sorted(_days(conn, "rollup_minutes")) == DAYS[3:]
+    assert report.tables["device_rollup_1m"].partitions_dropped
+
+
+def test_alert_history_loses_old_resolved_episodes_with_their_outbox_rows(pg_dsn):
+    with connect(pg_dsn) as conn:
+        conn.execute(
+            "INSERT INTO energy.alert_rules (rule_id, name, kind, scope, metric, window_size, "
+            "operator, threshold, severity, channels, spec) VALUES ('r1', 'r1', 'threshold', "
+            "'device', 'power_w_avg', '1m', '>', 1, 'info', '{log}', '{}')"
+        )
+        episodes = [
+            ("old", "resolved", NOW - timedelta(days=9), NOW - timedelta(days=8)),
+            ("recent", "resolved", NOW - timedelta(days=3), NOW - timedelta(days=2)),
+            ("open", "firing", NOW - timedelta(days=20), None),
+        ]
+        for entity, state, started, resolved in episodes:
+            row = conn.execute(
+                "INSERT INTO energy.alerts (rule_id, entity_type, entity, grain, state, "
+                "started_at, last_bucket, resolved_at, last_notified_at) VALUES "
+                "('r1', 'device', %s, '1m', %s, %s, %s, %s, %s) RETURNING alert_id",
+                (entity, state, started, started, resolved, started),
+            ).fetchone()
+            assert row is not None
+            for kind in ("firing", "resolved") if resolved else ("firing",):
+                conn.execute(
+                    "INSERT INTO energy.alert_outbox (idempotency_key, alert_id, rule_id, entity, "
+                    "channel, kind, payload) VALUES (%s, %s, 'r1', %s, 'log', %s, '{}')",
+                    (f"{entity}:{kind}", row[0], entity, kind),
+                )
+        report = run_retention(conn, SHORT, LATENESS, NOW)  # alerts: 5 days
+        assert report.tables["alerts"].rows_removed == 1
+        assert report.tables["alert_outbox"].rows_removed == 2
+        left = conn.execute("SELECT entity FROM energy.alerts ORDER BY entity").fetchall()
+        assert left == [("open",), ("recent",)]
+        outbox = conn.execute("SELECT count(*) FROM energy.alert_outbox").fetchone()
+        assert outbox == (3,)
+
+
+def test_tables_not_there_yet_are_skipped_with_a_note(pg_dsn):
+    with connect(pg_dsn) as conn:
+        conn.execute("DROP TABLE IF EXISTS energy.alert_outbox, energy.alerts CASCADE")
+        conn.execute("DROP TABLE IF EXISTS energy.household_daily_report CASCADE")
+        horizons = (*SHORT[:4], Horizon("household_daily_report", 3, "X"), SHORT[5])
+        report = run_retention(conn, horizons, LATENESS, NOW)
+    assert report.tables["alerts"].note.startswith("skipped: table not present yet")
+    assert report.tables["household_daily_report"].note.startswith("skipped: table not present")
+    assert "skipped" in format_report(report)
+
+
+def test_quarantine_is_removed_in_batches(filled, pg_dsn):
+    conn = filled
+    cut = NOW - timedelta(days=2)
+    expected = conn.execute(
+        "SELECT count(*) FROM energy.quarantine WHERE bucket < %s", (cut,)
+    ).fetchone()
+    removed = retention.delete_in_batches(
+        conn, "quarantine", retention.sql.SQL("bucket < %s"), (cut,), dry_run=False, batch_rows=7
+    )
+    assert expected is not None and removed == expected[0] > 7
+    left = conn.execute("SELECT count(*) FROM energy.quarantine WHERE bucket < %s", (cut,))
+    assert left.fetchone() == (0,)
