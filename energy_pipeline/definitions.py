@@ -10,6 +10,7 @@ import dagster as dg
 from energy_pipeline.config import Settings
 from energy_pipeline.defs import hierarchy, minute_rollups, partition_window
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
+from energy_pipeline.defs.retention import build_defs as build_retention_defs
 from energy_pipeline.resources import InfluxDBResource, PostgresResource
 
 
@@ -58,6 +59,7 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
     domains = [
         minute_rollups.build_defs(now or datetime.now(UTC), settings.raw_retention_days),
         hierarchy.build_defs(settings.lateness_seconds, settings.run_timeout_seconds),
+        build_retention_defs(settings),
     ]
     return dg.Definitions.merge(
         *domains,

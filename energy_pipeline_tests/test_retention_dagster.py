@@ -1,0 +1,209 @@
+"""Retention in Dagster: the `retention` asset's metadata, and purging Dagster's own runs without
+changing the status of partitions that still exist."""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.storage.partition_status_cache import AssetPartitionStatus
+
+from energy_pipeline.config import Settings, dagster_storage_url
+from energy_pipeline.defs.retention import build_defs
+from energy_pipeline.defs.retention.assets import retention as retention_asset
+from energy_pipeline.defs.retention.runs import old_finished_runs, purge_runs
+from energy_pipeline.resources import PostgresResource
+from energy_pipeline.storage import connect, create_partitions
+
+DAY0 = datetime(2026, 10, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def instance(dagster_db: str) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance whose storage is a fresh PostgreSQL database, as in production."""
+    overrides = {"storage": {"postgres": {"postgres_url": dagster_storage_url(dagster_db)}}}
+    with dg.instance_for_test(overrides=overrides) as inst:
+        yield inst
+
+
+def _daily(start: datetime) -> dg.DailyPartitionsDefinition:
+    return dg.DailyPartitionsDefinition(start_date=start, timezone="UTC")
+
+
+@dg.asset(partitions_def=_daily(DAY0))
+def sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={"partition": context.partition_key})
+
+
+def _key(day: int) -> str:
+    return (DAY0 + timedelta(days=day)).strftime("%Y-%m-%d")
+
+
+def _materialize(instance: dg.DagsterInstance, day: int) -> str:
+    result = dg.materialize([sample], instance=instance, partition_key=_key(day))
+    assert result.success
+    return result.run_id
+
+
+def _materialized(instance: dg.DagsterInstance, pdef: dg.PartitionsDefinition, keys) -> set[str]:
+    status = instance.get_status_by_partition(sample.key, list(keys), pdef) or {}
+    return {k for k, v in status.items() if v == AssetPartitionStatus.MATERIALIZED}
+
+
+def test_purge_keeps_the_runs_partition_status_rests_on(instance):
+    runs = {day: [_materialize(instance, day)] for day in range(6)}
+    runs[1].append(_materialize(instance, 1))  # re-materialized: the older run can go
+    runs[4].append(_materialize(instance, 4))
+    # The window moved: partitions start at day 3 now (days 0..2 left it, like old minutes).
+    now = DAY0 + timedelta(days=7)
+    window = _daily(DAY0 + timedelta(days=3))
+    surviving = {_key(d) for d in (3, 4, 5)}
+    with dg.partition_loading_context(effective_dt=now, dynamic_partitions_store=instance):
+        assert _materialized(instance, window, surviving) == surviving
+
+        dry = purge_runs(
+            instance,
+            {sample.key: window},
+            datetime.now(UTC) + timedelta(seconds=1),
+            now,
+            dry_run=True,
+        )
+        assert (dry.runs_deleted, dry.runs_kept) == (5, 3)
+        assert len(old_finished_runs(instance, datetime.now(UTC) + timedelta(seconds=1))) == 8
+
+        purge = purge_runs(
+            instance, {sample.key: window}, datetime.now(UTC) + timedelta(seconds=1), now
+        )
+        assert (purge.runs_deleted, purge.runs_kept) == (5, 3)
+        assert purge.kept_run_ids == {runs[3][-1], runs[4][-1], runs[5][-1]}
+        left = {r.dagster_run.run_id for r in instance.get_run_records()}
+        assert left == purge.kept_run_ids
+        # Their event logs went with them.
+        assert not instance.all_logs(runs[0][0]) and not instance.all_logs(runs[4][0])
+
+        # Status is unchanged, also when rebuilt from the event log (as after a partitions change).
+        assert _materialized(instance, window, surviving) == surviving
+        instance.event_log_storage.wipe_asset_cached_status(sample.key)
+        assert _materialized(instance, window, surviving) == surviving
+        latest = instance.get_latest_materialization_event(sample.key)
+        assert latest is not None and latest.run_id == runs[4][-1]  # the newest run of all
+
+        # A second purge finds nothing more to delete.
+        again = purge_runs(
+            instance, {sample.key: window}, datetime.now(UTC) + timedelta(seconds=1), now
+        )
+        assert (again.runs_deleted, again.runs_kept) == (0, 3)
+
+        # The mechanism the purge protects against is real: deleting a kept run loses its
+        # partition's status once the cache is rebuilt.
+        instance.delete_run(runs[4][-1])
+        instance.event_log_storage.wipe_asset_cached_status(sample.key)
+        assert _materialized(instance, window, surviving) == surviving - {_key(4)}
+
+
+def test_purge_leaves_runs_newer_than_the_cutoff(instance):
+    old = _materialize(instance, 0)
+    cut = datetime.now(UTC)
+    new = _materialize(instance, 0)
+    purge = purge_runs(instance, {sample.key: _daily(DAY0)}, cut, DAY0 + timedelta(days=2))
+    assert purge.runs_deleted == 1
+    assert {r.dagster_run.run_id for r in instance.get_run_records()} == {new}
+    assert instance.get_run_by_id(old) is None
+
+
+# The retention job as a code location runs it: from a repository (the asset asks it which
+# partitions exist), with `sample` beside it.
+RECENT = dg.DailyPartitionsDefinition(
+    start_date=(datetime.now(UTC) - timedelta(days=60)).strftime("%Y-%m-%d"), timezone="UTC"
+)
+
+
+@dg.asset(partitions_def=RECENT, name="recent_sample")
+def recent_sample() -> None:
+    """A daily asset whose partitions all still exist."""
+
+
+defs = dg.Definitions.merge(
+    build_defs(Settings.from_env({})),
+    dg.Definitions(
+        assets=[recent_sample],
+        resources={"postgres": PostgresResource(dsn=dg.EnvVar("RETENTION_TEST_PG_DSN"))},
+        executor=dg.in_process_executor,
+    ),
+)
+
+
+def _backdate_runs(dagster_dsn: str, days: int) -> None:
+    """Make every run so far look `days` older, as if created then (the simulated clock)."""
+    with connect(dagster_dsn) as conn:
+        conn.execute(
+            "UPDATE runs SET create_timestamp = create_timestamp - make_interval(days => %s)",
+            (days,),
+        )
+
+
+def test_retention_job_reports_what_it_removed_and_purges_old_runs(
+    instance, settings, dagster_db, monkeypatch
+):
+    today = datetime.now(UTC).date()
+    old_day = today - timedelta(days=40)
+    with connect(settings.pg_dsn) as conn:
+        create_partitions(conn, "device_rollup_1m", old_day, old_day)
+        conn.execute(
+            "INSERT INTO energy.device_rollup_1m (device_id, bucket, household_id, sample_count, "
+            "energy_wh_sum, computed_at) VALUES ('d1', %s, 'h1', 60, 1, now())",
+            (datetime.combine(old_day, datetime.min.time(), UTC),),
+        )
+    key = (today - timedelta(days=50)).strftime("%Y-%m-%d")
+    first = dg.materialize([recent_sample], instance=instance, partition_key=key).run_id
+    second = dg.materialize([recent_sample], instance=instance, partition_key=key).run_id
+    _backdate_runs(dagster_db, 40)
+    monkeypatch.setenv("RETENTION_TEST_PG_DSN", settings.pg_dsn)
+
+    job = ReconstructableRepository.for_module(
+        __name__, "defs", working_directory=str(Path(__file__).parent.parent)
+    ).get_reconstructable_job("retention_job")
+    with dg.execute_job(job, instance=instance) as result:
+        assert result.success
+        [mat] = result.asset_materializations_for_node("retention")
+    meta = mat.metadata
+    assert meta["partitions_dropped"].value == 1
+    assert meta["rows_removed"].value == 1
+    assert meta["bytes_freed"].value > 0
+    tables = meta["tables"].value
+    assert tables["device_rollup_1m"]["partitions_dropped"] == [old_day.isoformat()]
+    assert "| device_rollup_1m |" in meta["summary"].value
+    # The older run of the partition went; the one its status rests on stayed.
+    assert (meta["dagster_runs_deleted"].value, meta["dagster_runs_kept"].value) == (1, 1)
+    assert instance.get_run_by_id(first) is None
+    assert instance.get_run_by_id(second) is not None
+    with connect(settings.pg_dsn) as conn:
+        row = conn.execute(
+            "SELECT to_regclass(%s)", (f"energy.device_rollup_1m_p{old_day:%Y%m%d}",)
+        ).fetchone()
+    assert row == (None,)
+
+
+def test_definitions_hold_the_retention_job_and_its_daily_schedule():
+    from energy_pipeline.definitions import build_definitions
+
+    repo = build_definitions(Settings.from_env({})).get_repository_def()
+    schedule = repo.get_schedule_def("retention_schedule")
+    assert schedule.cron_schedule == "17 3 * * *"
+    assert schedule.job_name == "retention_job"
+    assert repo.get_job("retention_job") is not None
+
+
+def test_retention_outside_a_code_location_refuses_to_purge_blind(instance, settings):
+    domain = build_defs(settings)
+    result = dg.materialize(
+        [retention_asset],
+        instance=instance,
+        resources={**(domain.resources or {}), "postgres": PostgresResource(dsn=settings.pg_dsn)},
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "needs the code location's definitions" in str(failure.event_specific_data)
