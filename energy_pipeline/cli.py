@@ -420,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--register", action="store_true", help="register the unknown devices")
     p.set_defaults(func=cmd_devices)
+
+    from energy_pipeline.retention_cli import add_retention_parser
+
+    add_retention_parser(sub)
     return parser
 
 

@@ -11,13 +11,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 from psycopg import sql
 
 from energy_pipeline.config import ConfigError
-from energy_pipeline.storage import create_partitions
+from energy_pipeline.storage import StorageError, create_partitions
 
 if TYPE_CHECKING:
     from energy_pipeline.config import Settings
@@ -33,7 +33,7 @@ DELETE_BATCH_ROWS = 10_000
 _PARTITION_NAME = re.compile(r"^(?P<table>[a-z0-9_]+)_p(?P<day>\d{8})$")
 
 
-class RetentionError(RuntimeError):
+class RetentionError(StorageError):
     """Retention could not finish; what it removed until then stays removed and consistent."""
 
 
@@ -48,7 +48,24 @@ class Horizon:
     covers_minute_window: bool = False
 
 
-def horizons(settings: Settings) -> tuple[Horizon, ...]:
+class HorizonSettings(Protocol):
+    """The horizon fields of `config.Settings` (and of the retention job's settings resource)."""
+
+    @property
+    def retention_device_rollup_1m_days(self) -> int: ...
+    @property
+    def retention_household_rollup_5m_days(self) -> int: ...
+    @property
+    def retention_device_rollup_1h_days(self) -> int: ...
+    @property
+    def retention_daily_report_days(self) -> int: ...
+    @property
+    def retention_quarantine_days(self) -> int: ...
+    @property
+    def retention_alerts_days(self) -> int: ...
+
+
+def horizons(settings: HorizonSettings) -> tuple[Horizon, ...]:
     """Every table's horizon, from the settings."""
     s = settings
     return (

@@ -10,8 +10,8 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 import pytest
 
-from energy_pipeline import retention
-from energy_pipeline.config import ConfigError, Settings
+from energy_pipeline import cli, retention
+from energy_pipeline.config import ConfigError, Settings, dagster_storage_url
 from energy_pipeline.retention import (
     Horizon,
     RetentionError,
@@ -364,3 +364,75 @@ def test_quarantine_is_removed_in_batches(filled, pg_dsn):
     assert expected is not None and removed == expected[0] > 7
     left = conn.execute("SELECT count(*) FROM energy.quarantine WHERE bucket < %s", (cut,))
     assert left.fetchone() == (0,)
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+
+def _cli_env(monkeypatch, settings, dagster_home=None) -> None:
+    monkeypatch.setenv("ENERGY_PG_DSN", settings.pg_dsn)
+    monkeypatch.setenv("INFLUXDB_URL", settings.influx_url)
+    monkeypatch.setenv("INFLUXDB_DATABASE", settings.influx_database)
+    monkeypatch.setenv("DAGSTER_PG_URL", dagster_storage_url(settings.dagster_pg_url))
+    if dagster_home:
+        monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    else:
+        monkeypatch.delenv("DAGSTER_HOME", raising=False)
+
+
+def test_cli_dry_run_prints_the_plan_and_changes_nothing(settings, monkeypatch, capsys):
+    old_day = datetime.now(UTC).date() - timedelta(days=40)
+    with connect(settings.pg_dsn) as conn:
+        create_partitions(conn, "device_rollup_1m", old_day, old_day)
+        before = _partition_days(conn, "device_rollup_1m")
+    _cli_env(monkeypatch, settings)
+
+    assert cli.main(["retention", "--dry-run", "--apply-influx-policy"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing changed" in out
+    assert "would remove: 1 partitions" in out
+    assert "Dagster runs: skipped (DAGSTER_HOME is not set)" in out
+    assert 'would run: ALTER RETENTION POLICY "autogen"' in out
+    with connect(settings.pg_dsn) as conn:
+        assert _partition_days(conn, "device_rollup_1m") == before
+
+    assert cli.main(["retention"]) == 0
+    out = capsys.readouterr().out
+    assert "applied" in out and "removed: 1 partitions" in out
+    with connect(settings.pg_dsn) as conn:
+        assert old_day not in _partition_days(conn, "device_rollup_1m")
+
+
+def test_cli_applies_the_raw_retention_policy_on_any_influxdb(
+    settings, influx_db, monkeypatch, capsys
+):
+    _cli_env(monkeypatch, settings)
+    monkeypatch.setenv("ENERGY_RAW_RETENTION_DAYS", "12")
+    monkeypatch.setenv("ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS", "13")
+    assert cli.main(["retention", "--apply-influx-policy", "--no-dagster"]) == 0
+    assert "DURATION 12d SHARD DURATION 1d" in capsys.readouterr().out
+    [result] = influx_db.query_json(f'SHOW RETENTION POLICIES ON "{influx_db.database}"')
+    series = result["series"][0]
+    rows = [dict(zip(series["columns"], v, strict=True)) for v in series["values"]]
+    assert [(r["name"], r["duration"]) for r in rows if r["default"]] == [("autogen", "288h0m0s")]
+
+
+def test_cli_purges_dagster_runs_through_dagster_home(
+    settings, dagster_db, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_url:\n      env: DAGSTER_PG_URL\n"
+    )
+    _cli_env(monkeypatch, replace(settings, dagster_pg_url=dagster_db), tmp_path)
+    assert cli.main(["retention", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Dagster runs created before" in out and "would delete 0" in out
+    assert "database size (dagster)" in out
+
+
+def test_cli_reports_a_refused_horizon_clearly(settings, monkeypatch, capsys):
+    _cli_env(monkeypatch, settings)
+    monkeypatch.setenv("ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS", "7")
+    assert cli.main(["retention", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS (7 days) must be at least" in err
