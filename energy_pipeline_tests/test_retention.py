@@ -308,6 +308,8 @@ def test_a_reader_holding_an_old_partition_makes_retention_fail_clearly_not_hang
 
 def test_alert_history_loses_old_resolved_episodes_with_their_outbox_rows(pg_dsn):
     with connect(pg_dsn) as conn:
+        if not retention.table_exists(conn, "alert_outbox"):
+            pytest.skip("the alerts migration (energy.alerts, energy.alert_outbox) is not here")
         conn.execute(
             "INSERT INTO energy.alert_rules (rule_id, name, kind, scope, metric, window_size, "
             "operator, threshold, severity, channels, spec) VALUES ('r1', 'r1', 'threshold', "
