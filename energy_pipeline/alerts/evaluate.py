@@ -1,0 +1,374 @@
+"""Every rule × every entity for one window, at once, in Polars.
+
+A window's values are read once into a long frame (entity_type, entity, metric, value); rules are
+a frame too, joined on (entity_type, metric) — or on the entity as well for rules naming ids —
+and one expression decides every condition. Anomaly rules join a trailing baseline per entity:
+the same UTC hour of day over the previous `days` days, from `device_rollup_1h` (see
+docs/alerts.md). No Dagster here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import polars as pl
+import psycopg
+
+from energy_pipeline.alerts.rules import ANOMALY_OPERATOR, Rule
+
+GRAIN_STEP = {"1m": timedelta(minutes=1), "5m": timedelta(minutes=5)}
+FLEET = "fleet"
+RESULT_COLUMNS = [
+    "rule_id",
+    "entity_type",
+    "entity",
+    "metric",
+    "value",
+    "breached",
+    "z",
+    "baseline_mean",
+    "baseline_std",
+    "baseline_n",
+]
+
+_DEVICE_MINUTE = """
+SELECT r.device_id, coalesce(d.household_id, r.household_id) AS household_id, r.sample_count,
+       r.power_w_avg, r.power_w_max, r.energy_wh_sum, r.rejected_count
+FROM energy.device_rollup_1m r LEFT JOIN energy.devices d ON d.device_id = r.device_id
+WHERE r.bucket = %(start)s
+"""
+_HOUSEHOLD_5M = """
+SELECT household_id, power_w_avg, power_w_peak, energy_wh_sum
+FROM energy.household_rollup_5m WHERE bucket = %(start)s
+"""
+# The same UTC hour on each of the previous days: per device, per household (sum of its
+# devices' mean power in that hour) and for the fleet.
+_BASELINE_ROWS = """
+SELECT r.device_id, coalesce(d.household_id, r.household_id) AS household_id, r.bucket,
+       r.power_w_avg
+FROM energy.device_rollup_1h r LEFT JOIN energy.devices d ON d.device_id = r.device_id
+WHERE r.bucket = ANY(%(hours)s) AND r.power_w_avg IS NOT NULL
+"""
+_BASELINE = {
+    "device": f"""
+SELECT 'device' AS entity_type, device_id AS entity, avg(power_w_avg) AS mean,
+       stddev_samp(power_w_avg) AS std, count(*) AS n
+FROM ({_BASELINE_ROWS}) b GROUP BY device_id""",
+    "household": f"""
+SELECT 'household', household_id, avg(draw), stddev_samp(draw), count(*)
+FROM (SELECT household_id, bucket, sum(power_w_avg) AS draw FROM ({_BASELINE_ROWS}) b
+      GROUP BY household_id, bucket) h GROUP BY household_id""",
+    "fleet": f"""
+SELECT 'fleet', 'fleet', avg(draw), stddev_samp(draw), count(*)
+FROM (SELECT bucket, sum(power_w_avg) AS draw FROM ({_BASELINE_ROWS}) b GROUP BY bucket) f
+HAVING count(*) > 0""",
+}
+BASELINE_SCHEMA = {
+    "entity_type": pl.String,
+    "entity": pl.String,
+    "mean": pl.Float64,
+    "std": pl.Float64,
+    "n": pl.Int64,
+}
+
+
+def _frame(conn: psycopg.Connection, query: str, params: dict, schema: dict) -> pl.DataFrame:
+    rows = conn.execute(query, params).fetchall()
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _long(frame: pl.DataFrame, entity_type: str, entity: str, metrics: list[str]) -> pl.DataFrame:
+    """(entity_type, entity, metric, value) rows for `metrics` of `frame`."""
+    return (
+        frame.select(pl.col(entity).alias("entity"), *[pl.col(m).cast(pl.Float64) for m in metrics])
+        .unpivot(index="entity", variable_name="metric", value_name="value")
+        .select(pl.lit(entity_type).alias("entity_type"), "entity", "metric", "value")
+    )
+
+
+def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
+    return pl.when(den > 0).then(num / den).otherwise(None)
+
+
+def _aggregate() -> list[pl.Expr]:
+    """A group's draw (sum of mean power, NULL when none had one), energy and rejected ratio."""
+    return [
+        pl.when(pl.col("power_w_avg").count() > 0)
+        .then(pl.col("power_w_avg").sum())
+        .alias("power_w_avg"),
+        pl.col("energy_wh_sum").sum(),
+        _ratio(
+            pl.col("rejected_count").sum(),
+            pl.col("rejected_count").sum() + pl.col("sample_count").sum(),
+        ).alias("rejected_ratio"),
+    ]
+
+
+def minute_values(
+    minute: pl.DataFrame, registered: pl.DataFrame, lag_s: float | None
+) -> pl.DataFrame:
+    """The long frame of one minute: device, household and fleet metrics, quality included.
+
+    `minute`: the minute's device rows; `registered`: device_id of every registered device;
+    `lag_s`: seconds from the minute's close to its rollup (None: not in the ledger).
+    """
+    devices = minute.with_columns(
+        _ratio(pl.col("rejected_count"), pl.col("rejected_count") + pl.col("sample_count")).alias(
+            "rejected_ratio"
+        )
+    )
+    reporting = devices.filter(pl.col("sample_count") > 0).select("device_id")
+    silent = registered.select(
+        "device_id",
+        (~pl.col("device_id").is_in(reporting["device_id"].implode()))
+        .cast(pl.Float64)
+        .alias("silent"),
+    )
+    households = devices.group_by("household_id").agg(_aggregate())
+    fleet = devices.select(_aggregate()).with_columns(
+        pl.lit(FLEET).alias("entity"),
+        pl.lit(
+            reporting.height / registered.height if registered.height else None,
+            dtype=pl.Float64,
+        ).alias("reporting_ratio"),
+        pl.lit(lag_s, dtype=pl.Float64).alias("pipeline_lag_s"),
+    )
+    return pl.concat(
+        [
+            _long(
+                devices,
+                "device",
+                "device_id",
+                ["power_w_avg", "power_w_max", "energy_wh_sum", "rejected_ratio"],
+            ),
+            _long(silent, "device", "device_id", ["silent"]),
+            _long(
+                households,
+                "household",
+                "household_id",
+                ["power_w_avg", "energy_wh_sum", "rejected_ratio"],
+            ),
+            _long(
+                fleet,
+                "fleet",
+                "entity",
+                [
+                    "power_w_avg",
+                    "energy_wh_sum",
+                    "rejected_ratio",
+                    "reporting_ratio",
+                    "pipeline_lag_s",
+                ],
+            ),
+        ]
+    )
+
+
+def five_minute_values(households: pl.DataFrame) -> pl.DataFrame:
+    """The long frame of one 5-minute window: households and the fleet."""
+    fleet = households.select(
+        pl.lit(FLEET).alias("entity"),
+        pl.when(pl.col("power_w_avg").count() > 0)
+        .then(pl.col("power_w_avg").sum())
+        .alias("power_w_avg"),
+        pl.col("energy_wh_sum").sum(),
+    )
+    return pl.concat(
+        [
+            _long(
+                households,
+                "household",
+                "household_id",
+                ["power_w_avg", "power_w_peak", "energy_wh_sum"],
+            ),
+            _long(fleet, "fleet", "entity", ["power_w_avg", "energy_wh_sum"]),
+        ]
+    )
+
+
+def rules_frame(rules: Sequence[Rule]) -> pl.DataFrame:
+    """One row per rule with what the vectorised evaluation needs."""
+    return pl.DataFrame(
+        [
+            {
+                "rule_id": r.rule_id,
+                "entity_type": r.scope,
+                "metric": r.metric,
+                "operator": r.operator,
+                "threshold": r.threshold,
+                "entity_ids": r.entity_ids,
+                "days": (r.baseline or {}).get("days"),
+                "min_history": (r.baseline or {}).get("min_history"),
+                "floor_w": (r.baseline or {}).get("floor_w"),
+                "floor_ratio": (r.baseline or {}).get("floor_ratio"),
+            }
+            for r in rules
+        ],
+        schema={
+            "rule_id": pl.String,
+            "entity_type": pl.String,
+            "metric": pl.String,
+            "operator": pl.String,
+            "threshold": pl.Float64,
+            "entity_ids": pl.List(pl.String),
+            "days": pl.Int64,
+            "min_history": pl.Int64,
+            "floor_w": pl.Float64,
+            "floor_ratio": pl.Float64,
+        },
+    )
+
+
+def _pairs(values: pl.DataFrame, rules: pl.DataFrame) -> pl.DataFrame:
+    """Every (rule, entity) the rules cover and the window has a value for."""
+    everyone = rules.filter(pl.col("entity_ids").is_null()).drop("entity_ids")
+    named = (
+        rules.filter(pl.col("entity_ids").is_not_null())
+        .explode("entity_ids")
+        .rename({"entity_ids": "entity"})
+    )
+    return pl.concat(
+        [
+            values.join(everyone, on=["entity_type", "metric"]),
+            values.join(named, on=["entity_type", "metric", "entity"]),
+        ],
+        how="diagonal_relaxed",
+    )
+
+
+def _condition() -> pl.Expr:
+    value, threshold, op = pl.col("value"), pl.col("threshold"), pl.col("operator")
+    # The spread never goes below an absolute or a relative floor: a flat device's zero
+    # variance cannot divide by zero, and noise around a small mean cannot pass k.
+    spread = pl.max_horizontal(
+        pl.col("baseline_std").fill_null(0.0),
+        pl.col("floor_w"),
+        pl.col("floor_ratio") * pl.col("baseline_mean").abs(),
+    )
+    z = (value - pl.col("baseline_mean")) / spread
+    anomaly = (pl.col("baseline_n") >= pl.col("min_history")) & (z.abs() >= threshold)
+    return pl.struct(
+        z=pl.when(op == ANOMALY_OPERATOR).then(z),
+        breached=pl.when(op == ">")
+        .then(value > threshold)
+        .when(op == ">=")
+        .then(value >= threshold)
+        .when(op == "<")
+        .then(value < threshold)
+        .when(op == "<=")
+        .then(value <= threshold)
+        .when(op == "==")
+        .then(value == threshold)
+        .when(op == "!=")
+        .then(value != threshold)
+        .when(op == ANOMALY_OPERATOR)
+        .then(anomaly)
+        .otherwise(False)
+        .fill_null(False),
+    )
+
+
+def evaluate(
+    values: pl.DataFrame, rules: pl.DataFrame, baselines: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Every rule's condition for every entity of the window (RESULT_COLUMNS)."""
+    pairs = _pairs(values, rules)
+    if baselines is None or baselines.is_empty():
+        baselines = pl.DataFrame(schema={**BASELINE_SCHEMA, "days": pl.Int64})
+    pairs = pairs.join(
+        baselines.rename({"mean": "baseline_mean", "std": "baseline_std", "n": "baseline_n"}),
+        on=["entity_type", "entity", "days"],
+        how="left",
+    )
+    return (
+        pairs.with_columns(_condition().alias("c"))
+        .unnest("c")
+        .with_columns(
+            pl.when(pl.col("operator") == ANOMALY_OPERATOR).then(pl.col(c)).alias(c)
+            for c in ("baseline_mean", "baseline_std", "baseline_n")
+        )
+        .select(RESULT_COLUMNS)
+    )
+
+
+def read_values(conn: psycopg.Connection, grain: str, start: datetime) -> pl.DataFrame:
+    """The long frame of the window of `grain` starting at `start`, read from the rollups."""
+    params = {"start": start}
+    if grain == "5m":
+        households = _frame(
+            conn,
+            _HOUSEHOLD_5M,
+            params,
+            {
+                "household_id": pl.String,
+                "power_w_avg": pl.Float64,
+                "power_w_peak": pl.Float64,
+                "energy_wh_sum": pl.Float64,
+            },
+        )
+        return five_minute_values(households)
+    minute = _frame(
+        conn,
+        _DEVICE_MINUTE,
+        params,
+        {
+            "device_id": pl.String,
+            "household_id": pl.String,
+            "sample_count": pl.Int64,
+            "power_w_avg": pl.Float64,
+            "power_w_max": pl.Float64,
+            "energy_wh_sum": pl.Float64,
+            "rejected_count": pl.Int64,
+        },
+    )
+    registered = _frame(conn, "SELECT device_id FROM energy.devices", {}, {"device_id": pl.String})
+    lag = conn.execute(
+        "SELECT extract(epoch FROM computed_at - (bucket + interval '1 minute'))::float8 "
+        "FROM energy.rollup_minutes WHERE bucket = %(start)s",
+        params,
+    ).fetchone()
+    return minute_values(minute, registered, lag[0] if lag else None)
+
+
+def read_baselines(
+    conn: psycopg.Connection, rules: Sequence[Rule], start: datetime
+) -> pl.DataFrame:
+    """Trailing baselines for the entity types and day counts the anomaly rules use."""
+    hour = start.replace(minute=0, second=0, microsecond=0)
+    wanted = sorted(
+        {(r.scope, int((r.baseline or {})["days"])) for r in rules if r.kind == "anomaly"}
+    )
+    frames = []
+    for scope, days in wanted:
+        hours = [hour - timedelta(days=d) for d in range(1, days + 1)]
+        frame = _frame(conn, _BASELINE[scope], {"hours": hours}, BASELINE_SCHEMA)
+        frames.append(frame.with_columns(pl.lit(days, dtype=pl.Int64).alias("days")))
+    if not frames:
+        return pl.DataFrame(schema={**BASELINE_SCHEMA, "days": pl.Int64})
+    return pl.concat(frames)
+
+
+@dataclass(frozen=True)
+class WindowEvaluation:
+    """Every rule's condition for every entity of one window."""
+
+    grain: str
+    start: datetime
+    results: pl.DataFrame
+
+    @property
+    def breached(self) -> pl.DataFrame:
+        return self.results.filter(pl.col("breached"))
+
+
+def evaluate_window(
+    conn: psycopg.Connection, rules: Sequence[Rule], grain: str, start: datetime
+) -> WindowEvaluation:
+    """Read the window of `grain` starting at `start` and evaluate `rules` (of that grain)."""
+    rules = [r for r in rules if r.window_size == grain]
+    values = read_values(conn, grain, start)
+    baselines = read_baselines(conn, rules, start)
+    results = evaluate(values, rules_frame(rules), baselines)
+    return WindowEvaluation(grain, start, results)

@@ -1,0 +1,386 @@
+"""Episodes: pending → firing → repeat (after the cooldown) → resolved, and their outbox rows.
+
+Windows of a grain are applied to the episodes in order, once each: a window no newer than the
+newest one applied (`energy.alert_evaluations`) changes nothing, so re-running a minute, a
+late-data recompute of an older minute, or two runs racing (serialised on an advisory lock per
+grain) never notify twice. Episode changes, pending streaks, outbox rows and the watermark are
+written in one transaction; each outbox row's idempotency key is unique as well.
+
+A range of windows (a catch-up run) is applied window by window, but only episodes still open at
+its end are notified: notifications of an episode opened and resolved inside the range, and
+repeats but the last, are written as suppressed rows. No Dagster here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from energy_pipeline.alerts.evaluate import GRAIN_STEP, WindowEvaluation
+from energy_pipeline.alerts.rules import ANOMALY_OPERATOR, Rule
+
+CATCH_UP = "catch-up: episode opened and resolved within the evaluated range"
+CATCH_UP_REPEAT = "catch-up: superseded by a later repeat in the evaluated range"
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Pending:
+    first: datetime
+    last: datetime
+    windows: int
+
+
+@dataclass
+class Episode:
+    rule_id: str
+    entity: str
+    entity_type: str
+    started_at: datetime
+    first_value: float | None
+    last_value: float | None
+    last_bucket: datetime
+    last_notified_at: datetime
+    repeats: int = 0
+    resolved_at: datetime | None = None
+    alert_id: int | None = None
+    opened_here: bool = False
+    changed: bool = False
+
+
+@dataclass
+class Event:
+    episode: Episode
+    kind: str  # firing, repeat, resolved
+    seq: int
+    bucket: datetime
+    result: dict[str, Any]
+    suppressed: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What applying windows did; `outbox_ids` are the rows to deliver now."""
+
+    applied: list[datetime] = field(default_factory=list)
+    skipped: list[datetime] = field(default_factory=list)
+    watermark: datetime | None = None
+    opened: int = 0
+    repeated: int = 0
+    resolved: int = 0
+    outbox_ids: list[int] = field(default_factory=list)
+    suppressed: int = 0
+
+
+@dataclass
+class _State:
+    pending: dict[Key, Pending]
+    open: dict[Key, Episode]
+    closed: list[Episode] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def grain_lock(grain: str) -> str:
+    return f"energy.alerts:{grain}"
+
+
+def _load_state(cur: psycopg.Cursor, rule_ids: list[str]) -> _State:
+    cur.execute(
+        "SELECT rule_id, entity, first_bucket, last_bucket, windows FROM energy.alert_pending "
+        "WHERE rule_id = ANY(%s)",
+        (rule_ids,),
+    )
+    pending = {(r, e): Pending(f, la, w) for r, e, f, la, w in cur.fetchall()}
+    cur.execute(
+        "SELECT rule_id, entity, entity_type, started_at, first_value, last_value, last_bucket, "
+        "last_notified_at, repeats, alert_id FROM energy.alerts "
+        "WHERE state = 'firing' AND rule_id = ANY(%s)",
+        (rule_ids,),
+    )
+    episodes = {
+        (row[0], row[1]): Episode(*row[:9], alert_id=row[9])  # type: ignore[misc]
+        for row in cur.fetchall()
+    }
+    return _State(pending, episodes)
+
+
+def _step(state: _State, rules: dict[str, Rule], ev: WindowEvaluation) -> None:
+    """Advance pending streaks and episodes by one window."""
+    step = GRAIN_STEP[ev.grain]
+    window = ev.start
+    breached = {(r["rule_id"], r["entity"]): r for r in ev.breached.iter_rows(named=True)}
+    for key, result in breached.items():
+        rule = rules[key[0]]
+        episode = state.open.get(key)
+        if episode is not None:
+            episode.last_value, episode.last_bucket, episode.changed = result["value"], window, True
+            cooldown = rule.cooldown_s
+            if cooldown and window - episode.last_notified_at >= timedelta(seconds=cooldown):
+                episode.repeats += 1
+                episode.last_notified_at = window
+                state.events.append(Event(episode, "repeat", episode.repeats, window, result))
+            continue
+        streak = state.pending.get(key)
+        if streak is not None and streak.last == window - step:
+            streak.last, streak.windows = window, streak.windows + 1
+        else:
+            streak = state.pending[key] = Pending(window, window, 1)
+        if streak.windows >= rule.for_windows:
+            del state.pending[key]
+            episode = Episode(
+                key[0], key[1], result["entity_type"], streak.first, result["value"],
+                result["value"], window, window, opened_here=True, changed=True,
+            )  # fmt: skip
+            state.open[key] = episode
+            state.events.append(Event(episode, "firing", 0, window, result))
+    for key in [k for k in state.pending if k not in breached]:
+        del state.pending[key]
+    cleared = [k for k in state.open if k not in breached]
+    if not cleared:
+        return
+    values = _values_of(ev, cleared)
+    for key in cleared:
+        episode = state.open.pop(key)
+        episode.resolved_at, episode.changed = window, True
+        result = values.get(key, {"value": None})
+        state.closed.append(episode)
+        state.events.append(Event(episode, "resolved", 0, window, result))
+
+
+def _values_of(ev: WindowEvaluation, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+    wanted = set(keys)
+    return {
+        (r["rule_id"], r["entity"]): r
+        for r in ev.results.iter_rows(named=True)
+        if (r["rule_id"], r["entity"]) in wanted
+    }
+
+
+def _catch_up(state: _State) -> None:
+    """Suppress what a catch-up range must not send: episodes that did not outlive the range,
+    and all but the last repeat of each episode."""
+    last_repeat: dict[int, Event] = {}
+    for event in state.events:
+        episode = event.episode
+        if episode.opened_here and episode.resolved_at is not None:
+            event.suppressed = CATCH_UP
+        elif event.kind == "repeat":
+            earlier = last_repeat.get(id(episode))
+            if earlier is not None:
+                earlier.suppressed = CATCH_UP_REPEAT
+            last_repeat[id(episode)] = event
+
+
+def _write_episodes(cur: psycopg.Cursor, episodes: list[Episode], grain: str) -> None:
+    for ep in episodes:
+        state = "resolved" if ep.resolved_at else "firing"
+        values = (
+            state, ep.last_value, ep.last_bucket, ep.resolved_at, ep.last_notified_at, ep.repeats,
+        )  # fmt: skip
+        if ep.alert_id is None:
+            cur.execute(
+                "INSERT INTO energy.alerts (state, last_value, last_bucket, resolved_at, "
+                "last_notified_at, repeats, rule_id, entity, entity_type, grain, started_at, "
+                "first_value) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING alert_id",
+                (*values, ep.rule_id, ep.entity, ep.entity_type, grain, ep.started_at,
+                 ep.first_value),
+            )  # fmt: skip
+            ep.alert_id = cur.fetchone()[0]  # type: ignore[index]
+        elif ep.changed:
+            cur.execute(
+                "UPDATE energy.alerts SET state = %s, last_value = %s, last_bucket = %s, "
+                "resolved_at = %s, last_notified_at = %s, repeats = %s WHERE alert_id = %s",
+                (*values, ep.alert_id),
+            )
+
+
+def _write_pending(cur: psycopg.Cursor, rule_ids: list[str], pending: dict[Key, Pending]) -> None:
+    cur.execute("DELETE FROM energy.alert_pending WHERE rule_id = ANY(%s)", (rule_ids,))
+    if pending:
+        cur.executemany(
+            "INSERT INTO energy.alert_pending (rule_id, entity, first_bucket, last_bucket, "
+            "windows) VALUES (%s, %s, %s, %s, %s)",
+            [(r, e, p.first, p.last, p.windows) for (r, e), p in pending.items()],
+        )
+
+
+def _silence(silences: list[tuple], rule_id: str, entity: str) -> str | None:
+    """Why a notification of `rule_id` for `entity` is silenced, or None."""
+    for s_rule, s_entity, until, reason in silences:
+        if (s_rule is None or s_rule == rule_id) and (s_entity is None or s_entity == entity):
+            return f"silenced until {until.isoformat()}" + (f": {reason}" if reason else "")
+    return None
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts else None
+
+
+def payload(rule: Rule, event: Event, grain: str) -> dict[str, Any]:
+    """Everything a channel renders for one notification."""
+    ep, result = event.episode, event.result
+    value = result.get("value")
+    data: dict[str, Any] = {
+        "rule_id": rule.rule_id,
+        "rule_name": rule.name,
+        "description": rule.description,
+        "kind": event.kind,
+        "severity": rule.severity,
+        "entity_type": ep.entity_type,
+        "entity": ep.entity,
+        "metric": rule.metric,
+        "value": value,
+        "window_start": event.bucket.isoformat(),
+        "window_end": (event.bucket + GRAIN_STEP[grain]).isoformat(),
+        "started_at": ep.started_at.isoformat(),
+        "resolved_at": _iso(ep.resolved_at),
+        "runbook_url": rule.runbook_url,
+    }
+    if rule.operator == ANOMALY_OPERATOR:
+        data |= {
+            "k": rule.threshold,
+            "z": result.get("z"),
+            "baseline_mean": result.get("baseline_mean"),
+            "baseline_std": result.get("baseline_std"),
+            "baseline_n": result.get("baseline_n"),
+        }
+        condition = f"|z| = {abs(result.get('z') or 0):.1f} (k {rule.threshold:g})"
+    else:
+        data |= {"operator": rule.operator, "threshold": rule.threshold}
+        condition = f"{rule.metric} {rule.operator} {rule.threshold:g}"
+    shown = "no data" if value is None else f"{value:g}"
+    verb = {"firing": "FIRING", "repeat": "STILL FIRING", "resolved": "RESOLVED"}[event.kind]
+    data["summary"] = (
+        f"[{rule.severity.upper()}] {verb}: {rule.name} — {ep.entity_type} {ep.entity}: "
+        f"{rule.metric} = {shown} ({condition}) in {event.bucket:%Y-%m-%d %H:%M} UTC"
+    )
+    return data
+
+
+def _write_outbox(
+    cur: psycopg.Cursor, rules: dict[str, Rule], events: list[Event], grain: str, now: datetime
+) -> tuple[list[int], int]:
+    """One row per event and channel; returns the ids to deliver and the suppressed count."""
+    cur.execute(
+        "SELECT rule_id, entity, until, reason FROM energy.alert_silences WHERE until > %s "
+        "ORDER BY until DESC",
+        (now,),
+    )
+    silences = cur.fetchall()
+    to_send, suppressed = [], 0
+    for event in events:
+        ep, rule = event.episode, rules[event.episode.rule_id]
+        reason = event.suppressed or _silence(silences, ep.rule_id, ep.entity)
+        body = Jsonb(payload(rule, event, grain))
+        for channel in rule.channels:
+            key = f"{ep.rule_id}:{ep.entity}:{ep.started_at.isoformat()}:{event.kind}:{event.seq}"
+            cur.execute(
+                "INSERT INTO energy.alert_outbox (idempotency_key, alert_id, rule_id, entity, "
+                "channel, kind, payload, suppressed, next_attempt_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (idempotency_key) DO NOTHING RETURNING outbox_id",
+                (f"{key}:{channel}", ep.alert_id, ep.rule_id, ep.entity, channel, event.kind,
+                 body, reason, now),
+            )  # fmt: skip
+            row = cur.fetchone()
+            if row is None:
+                continue
+            if reason:
+                suppressed += 1
+            else:
+                to_send.append(row[0])
+    return to_send, suppressed
+
+
+def apply_windows(
+    conn: psycopg.Connection,
+    rules: Sequence[Rule],
+    evaluations: Sequence[WindowEvaluation],
+    now: datetime,
+) -> Outcome:
+    """Apply the evaluated windows of one grain to the episodes, in order, in one transaction.
+
+    Windows no newer than the grain's watermark are skipped. With more than one window applied,
+    only episodes open at the end are notified (the others' rows are written suppressed).
+    """
+    outcome = Outcome()
+    if not evaluations:
+        return outcome
+    grain = evaluations[0].grain
+    by_id = {r.rule_id: r for r in rules if r.window_size == grain}
+    rule_ids = sorted(by_id)
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (grain_lock(grain),))
+        cur.execute("SELECT last_bucket FROM energy.alert_evaluations WHERE grain = %s", (grain,))
+        row = cur.fetchone()
+        watermark = row[0] if row else None
+        todo = sorted(evaluations, key=lambda e: e.start)
+        outcome.skipped = [e.start for e in todo if watermark and e.start <= watermark]
+        todo = [e for e in todo if not (watermark and e.start <= watermark)]
+        outcome.watermark = watermark
+        if not todo:
+            return outcome
+        state = _load_state(cur, rule_ids)
+        for ev in todo:
+            _step(state, by_id, ev)
+        if len(todo) > 1:
+            _catch_up(state)
+        episodes = [*state.open.values(), *state.closed]
+        _write_episodes(cur, episodes, grain)
+        _write_pending(cur, rule_ids, state.pending)
+        outcome.outbox_ids, outcome.suppressed = _write_outbox(cur, by_id, state.events, grain, now)
+        cur.execute(
+            "INSERT INTO energy.alert_evaluations (grain, last_bucket, evaluated_at) "
+            "VALUES (%s, %s, %s) ON CONFLICT (grain) DO UPDATE SET "
+            "last_bucket = EXCLUDED.last_bucket, evaluated_at = EXCLUDED.evaluated_at",
+            (grain, todo[-1].start, now),
+        )
+    outcome.applied = [e.start for e in todo]
+    outcome.watermark = todo[-1].start
+    kinds = [e.kind for e in state.events if not e.suppressed]
+    outcome.opened, outcome.repeated = kinds.count("firing"), kinds.count("repeat")
+    outcome.resolved = kinds.count("resolved")
+    return outcome
+
+
+def add_silence(
+    conn: psycopg.Connection,
+    until: datetime,
+    *,
+    rule_id: str | None = None,
+    entity: str | None = None,
+    reason: str | None = None,
+) -> int:
+    """Record a silence of a rule, an entity, or both; returns its id."""
+    if rule_id is None and entity is None:
+        raise ValueError("a silence names a rule, an entity or both")
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO energy.alert_silences (rule_id, entity, until, reason) "
+            "VALUES (%s, %s, %s, %s) RETURNING silence_id",
+            (rule_id, entity, until, reason),
+        ).fetchone()
+    return int(row[0])  # type: ignore[index]
+
+
+def history(conn: psycopg.Connection, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
+    """Episodes started since `since`, newest first, with their notification counts."""
+    cur = conn.execute(
+        "SELECT a.alert_id, a.rule_id, a.entity_type, a.entity, a.state, a.started_at, "
+        "a.resolved_at, a.first_value, a.last_value, a.repeats, "
+        "count(o.outbox_id) FILTER (WHERE o.suppressed IS NULL) AS notifications, "
+        "count(o.outbox_id) FILTER (WHERE o.suppressed IS NOT NULL) AS suppressed "
+        "FROM energy.alerts a LEFT JOIN energy.alert_outbox o ON o.alert_id = a.alert_id "
+        "WHERE a.started_at >= %s GROUP BY a.alert_id ORDER BY a.started_at DESC, a.alert_id "
+        "LIMIT %s",
+        (since, limit),
+    )
+    names = [d.name for d in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
