@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 
 from energy_pipeline.config import Settings
-from energy_pipeline.influx import InfluxClient, quote_ident
+from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident
 from energy_pipeline.retention import format_report, run_retention_for
 from energy_pipeline.scheduling import partitions_start
 from energy_pipeline.storage import connect
@@ -65,7 +65,13 @@ def apply_influx_policy(settings: Settings, influx: InfluxClient, *, dry_run: bo
     stmt = influx_policy_statement(influx.database, policy, settings.raw_retention_days)
     if dry_run:
         return f"InfluxDB: would run: {stmt}"
-    influx.query_json(stmt)
+    try:
+        influx.query_json(stmt)
+    except InfluxError as exc:
+        raise InfluxError(
+            f"{exc}; InfluxDB 2.x and 3.x keep raw data per bucket or database instead: set its "
+            "retention period there (README, 'Raw-data retention on an external InfluxDB')"
+        ) from None
     return f"InfluxDB: {stmt}"
 
 
