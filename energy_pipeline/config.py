@@ -135,6 +135,46 @@ def dagster_storage_url(url: str) -> str:
     return url
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def validate_alert_channels(settings: Settings) -> None:
+    """Each alert channel is either off or complete; errors name the variable, never a secret."""
+    if settings.alert_webhook_url:
+        validate_http_url("ALERT_WEBHOOK_URL", settings.alert_webhook_url)
+        if not settings.secrets.get("ALERT_WEBHOOK_SECRET"):
+            raise ConfigError("ALERT_WEBHOOK_URL is set: ALERT_WEBHOOK_SECRET must be set to sign")
+    slack = urllib.parse.urlsplit(settings.secrets.get("ALERT_SLACK_WEBHOOK_URL", ""))
+    if settings.secrets.get("ALERT_SLACK_WEBHOOK_URL") and not (
+        slack.scheme in ("http", "https") and slack.hostname
+    ):
+        raise ConfigError("ALERT_SLACK_WEBHOOK_URL must be an http(s):// URL (value not shown)")
+    if not settings.alert_smtp_host:
+        return
+    if not settings.alert_smtp_from or not settings.alert_smtp_to:
+        raise ConfigError("ALERT_SMTP_HOST is set: ALERT_SMTP_FROM and ALERT_SMTP_TO must be too")
+    for name, address in [("ALERT_SMTP_FROM", settings.alert_smtp_from)] + [
+        ("ALERT_SMTP_TO", a) for a in settings.alert_smtp_to
+    ]:
+        if "@" not in address:
+            raise ConfigError(f"{name} must hold email addresses, got {address!r}")
+    if settings.alert_smtp_username and not settings.secrets.get("ALERT_SMTP_PASSWORD"):
+        raise ConfigError("ALERT_SMTP_USERNAME is set: ALERT_SMTP_PASSWORD must be too")
+    if settings.alert_smtp_username and not settings.alert_smtp_starttls:
+        raise ConfigError(
+            "ALERT_SMTP_USERNAME needs ALERT_SMTP_STARTTLS=true: AUTH would send the password "
+            "in clear text"
+        )
+
+
 # Concurrent InfluxDB queries per read, each over a disjoint slice of the series (see influx.py).
 READ_PARALLELISM = 2
 # Longest a sensor-requested rollup run may stay started before run monitoring fails it and the
@@ -142,12 +182,15 @@ READ_PARALLELISM = 2
 RUN_TIMEOUT_SECONDS = 900
 
 
+# The alert channels' secrets: an incoming-webhook URL is its own credential.
+ALERT_SECRET_VARIABLES = ("ALERT_WEBHOOK_SECRET", "ALERT_SLACK_WEBHOOK_URL", "ALERT_SMTP_PASSWORD")
 SECRET_VARIABLES = (
     "INFLUXDB_URL",
     "INFLUXDB_TOKEN",
     "INFLUXDB_USERNAME",
     "INFLUXDB_PASSWORD",
     "ENERGY_PG_DSN",
+    *ALERT_SECRET_VARIABLES,
 )
 
 
@@ -182,6 +225,15 @@ class Settings:
     retention_daily_report_days: int = 0
     retention_quarantine_days: int = 30
     retention_alerts_days: int = 400
+    # Alert channels (secrets: ALERT_WEBHOOK_SECRET, ALERT_SLACK_WEBHOOK_URL, ALERT_SMTP_PASSWORD
+    # in `secrets`); see energy_pipeline/alerts/channels.py.
+    alert_webhook_url: str = ""
+    alert_smtp_host: str = ""
+    alert_smtp_port: int = 587
+    alert_smtp_username: str = ""
+    alert_smtp_from: str = ""
+    alert_smtp_to: tuple[str, ...] = ()
+    alert_smtp_starttls: bool = True
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
     # from the environment: Dagster gets them as EnvVars, resolved at run time.
@@ -242,9 +294,23 @@ class Settings:
             retention_daily_report_days=_int(env, "ENERGY_RETENTION_DAILY_REPORT_DAYS", 0),
             retention_quarantine_days=_int(env, "ENERGY_RETENTION_QUARANTINE_DAYS", 30),
             retention_alerts_days=_int(env, "ENERGY_RETENTION_ALERTS_DAYS", 400),
+            alert_webhook_url=env.get("ALERT_WEBHOOK_URL") or "",
+            alert_smtp_host=env.get("ALERT_SMTP_HOST") or "",
+            alert_smtp_port=_int(env, "ALERT_SMTP_PORT", 587, 1, 65535),
+            alert_smtp_username=env.get("ALERT_SMTP_USERNAME") or "",
+            alert_smtp_from=env.get("ALERT_SMTP_FROM") or "",
+            alert_smtp_to=tuple(
+                a.strip() for a in env.get("ALERT_SMTP_TO", "").split(",") if a.strip()
+            ),
+            alert_smtp_starttls=_bool(env, "ALERT_SMTP_STARTTLS", True),
             secrets={
                 k: env[k]
-                for k in ("INFLUXDB_TOKEN", "INFLUXDB_USERNAME", "INFLUXDB_PASSWORD")
+                for k in (
+                    "INFLUXDB_TOKEN",
+                    "INFLUXDB_USERNAME",
+                    "INFLUXDB_PASSWORD",
+                    *ALERT_SECRET_VARIABLES,
+                )
                 if env.get(k)
             },
             # A URL is a secret only when it carries userinfo.
@@ -260,4 +326,5 @@ class Settings:
         from energy_pipeline.retention import validate_horizons
 
         validate_horizons(settings)
+        validate_alert_channels(settings)
         return settings

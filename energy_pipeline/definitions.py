@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from energy_pipeline.alerts.channels import AlertChannelsResource
 from energy_pipeline.config import Settings
 from energy_pipeline.defs import hierarchy, minute_rollups, partition_window
+from energy_pipeline.defs.alerts import delivery_defs as alert_delivery
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
 from energy_pipeline.defs.retention import build_defs as build_retention_defs
 from energy_pipeline.resources import InfluxDBResource, PostgresResource
@@ -51,6 +53,18 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             run_timeout_seconds=settings.run_timeout_seconds,
         ),
         "minute_runs": MinuteRunSettings(chunk_minutes=settings.chunk_minutes),
+        "alert_channels": AlertChannelsResource(
+            webhook_url=settings.alert_webhook_url or None,
+            webhook_secret=_optional_secret(settings, "ALERT_WEBHOOK_SECRET"),
+            slack_webhook_url=_optional_secret(settings, "ALERT_SLACK_WEBHOOK_URL"),
+            smtp_host=settings.alert_smtp_host or None,
+            smtp_port=settings.alert_smtp_port,
+            smtp_username=settings.alert_smtp_username or None,
+            smtp_password=_optional_secret(settings, "ALERT_SMTP_PASSWORD"),
+            smtp_from=settings.alert_smtp_from or None,
+            smtp_to=list(settings.alert_smtp_to),
+            smtp_starttls=settings.alert_smtp_starttls,
+        ),
     }
 
 
@@ -60,6 +74,7 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
         minute_rollups.build_defs(now or datetime.now(UTC), settings.raw_retention_days),
         hierarchy.build_defs(settings.lateness_seconds, settings.run_timeout_seconds),
         build_retention_defs(settings),
+        alert_delivery.build_defs(),
     ]
     return dg.Definitions.merge(
         *domains,
