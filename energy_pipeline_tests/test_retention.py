@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from energy_pipeline import cli, retention
 from energy_pipeline.config import ConfigError, Settings, dagster_storage_url
@@ -438,3 +440,28 @@ def test_cli_reports_a_refused_horizon_clearly(settings, monkeypatch, capsys):
     assert cli.main(["retention", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS (7 days) must be at least" in err
+
+
+@pytest.mark.parametrize(("group", "drops"), [("energy_writer", False), ("energy_owner", True)])
+def test_dropping_partitions_needs_the_owner_role(filled, pg_dsn, group, drops):
+    user = f"u_ret_{uuid.uuid4().hex[:8]}"
+    with connect(pg_dsn) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(user), sql.Identifier(group)
+            )
+        )
+    try:
+        as_user = psycopg.conninfo.make_conninfo(pg_dsn, user=user)
+        with connect(as_user) as conn:
+            if drops:
+                report = run_retention(conn, SHORT, LATENESS, NOW)
+                assert report.partitions_dropped == 5
+            else:
+                with pytest.raises(RetentionError, match="member of energy_owner"):
+                    run_retention(conn, SHORT, LATENESS, NOW)
+                assert _partition_days(conn, "device_rollup_1m")[0] == DAYS[0]
+    finally:
+        with connect(pg_dsn) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(user)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
