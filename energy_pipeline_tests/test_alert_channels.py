@@ -51,7 +51,8 @@ PAYLOAD = {
     "started_at": "2026-11-28T03:00:00+00:00",
     "resolved_at": None,
     "runbook_url": "https://runbooks.example.org/ev-night-draw",
-    "summary": "ev-charger-17 drew 11250 W on average (> 11000 W)",
+    "summary": "[CRITICAL] FIRING: EV charger above 11 kW at night — device ev-charger-17: "
+    "power_w_avg = 11250 (power_w_avg > 11000) in 2026-11-28 03:00 UTC",
 }
 
 
@@ -171,7 +172,7 @@ def test_slack_payload_has_text_and_blocks(receiver):
 
     message = receiver.requests[0].json()
     assert "EV charger above 11 kW at night" in message["text"]
-    assert "[FIRING]" in message["text"]
+    assert "FIRING: EV charger" in message["text"]
     kinds = [b["type"] for b in message["blocks"]]
     assert kinds == ["header", "section", "section", "context", "actions"]
     header = message["blocks"][0]["text"]
@@ -190,10 +191,12 @@ def test_slack_payload_has_text_and_blocks(receiver):
 
 
 def test_slack_resolved_message_looks_different():
-    message = slack_message(notification("resolved", resolved_at="2026-11-28T03:20:00+00:00"))
+    # Without a summary in the payload, the channel writes its own line.
+    resolved = notification("resolved", resolved_at="2026-11-28T03:20:00+00:00", summary=None)
+    message = slack_message(resolved)
     header = message["blocks"][0]["text"]["text"]
     assert "Resolved" in header and "Firing" not in header
-    assert "[RESOLVED]" in message["text"]
+    assert message["text"].startswith("[CRITICAL] RESOLVED: EV charger above 11 kW at night")
     assert [b["type"] for b in message["blocks"]] == ["header", "section", "section", "context"]
     labels = [f["text"].split("\n")[0] for f in message["blocks"][2]["fields"]]
     assert "*Last value*" in labels
@@ -201,9 +204,10 @@ def test_slack_resolved_message_looks_different():
 
 
 def test_slack_shows_an_anomaly_as_z_score_and_baseline():
-    anomaly = notification(operator=None, threshold=3.0, z_score=4.2, baseline=420.5)
+    anomaly = notification(k=3.0, z=-4.23, baseline_mean=420.5, baseline_std=12.0, baseline_n=7)
     fields = slack_message(anomaly)["blocks"][2]["fields"]
-    assert fields[3]["text"] == "*Condition*\n|z| >= 3.0 (z 4.2, baseline 420.5)"
+    expected = "|z| 4.2 >= 3.0 (baseline mean 420.5, std 12.0, n 7)"
+    assert fields[3]["text"] == f"*Condition*\n{expected}"
 
 
 # --- email ---------------------------------------------------------------------------------------
@@ -234,7 +238,7 @@ def test_email_arrives_through_starttls_with_auth_and_a_stable_message_id(smtp):
     assert first.message["Message-ID"] == second.message["Message-ID"] == expected_id
     assert expected_id.endswith("@energy.example.org>")
     assert first.message["X-Energy-Idempotency-Key"] == "alert-41:webhook:firing"
-    assert "[FIRING] [CRITICAL]" in first.message["Subject"]
+    assert first.message["Subject"].startswith("[CRITICAL] FIRING: EV charger")
     assert first.message.get_content_type() == "multipart/alternative"
     text = first.message.get_body(("plain",))
     html = first.message.get_body(("html",))

@@ -84,28 +84,32 @@ def rule_name(note: Notification) -> str:
 
 
 def condition_text(payload: dict[str, Any]) -> str:
-    """The rule's condition as people read it: `> 11000` or `|z| >= 3 (baseline 420.5)`."""
-    if payload.get("z_score") is not None or payload.get("baseline") is not None:
-        k = _field(payload, "k", "threshold", default="?")
+    """The rule's condition as people read it: `> 11000` or `|z| 4.2 >= 3 (baseline …)`."""
+    if "z" in payload or "baseline_mean" in payload:
+        z = payload.get("z")
+        shown = "?" if z is None else f"{abs(float(z)):.1f}"
         return (
-            f"|z| >= {k} (z {_field(payload, 'z_score', default='?')}, "
-            f"baseline {_field(payload, 'baseline', default='?')})"
+            f"|z| {shown} >= {_field(payload, 'k', default='?')} (baseline mean "
+            f"{_field(payload, 'baseline_mean', default='?')}, std "
+            f"{_field(payload, 'baseline_std', default='?')}, "
+            f"n {_field(payload, 'baseline_n', default='?')})"
         )
     operator, threshold = _field(payload, "operator"), _field(payload, "threshold")
     return f"{operator} {threshold}".strip() or "n/a"
 
 
 def summary_text(note: Notification) -> str:
-    """One line saying what happened, for fallbacks, subjects and log lines."""
+    """One line saying what happened, for fallbacks, subjects and log lines: the payload's
+    `summary` when the alert lifecycle wrote one."""
     state = {"firing": "FIRING", "repeat": "STILL FIRING", "resolved": "RESOLVED"}
     payload = note.payload
     default = (
-        f"{note.entity}: {_field(payload, 'metric', default='value')} "
-        f"{_field(payload, 'value', default='?')} ({condition_text(payload)})"
+        f"[{_field(payload, 'severity', default='info').upper()}] "
+        f"{state.get(note.kind, note.kind.upper())}: {rule_name(note)} — {note.entity}: "
+        f"{_field(payload, 'metric', default='value')} = {_field(payload, 'value', default='?')} "
+        f"({condition_text(payload)})"
     )
-    severity = _field(payload, "severity", default="info").upper()
-    what = _field(payload, "summary", default=default)
-    return f"[{state.get(note.kind, note.kind.upper())}] [{severity}] {rule_name(note)}: {what}"
+    return _field(payload, "summary", default=default)
 
 
 # --- webhook -------------------------------------------------------------------------------------
