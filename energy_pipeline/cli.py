@@ -203,8 +203,8 @@ def cmd_live(args: argparse.Namespace, settings: Settings) -> int:
     commands = {
         "simulator": [str(bin_dir / "energy-pipeline"), "simulate", "--devices", str(args.devices)]
         + (["--faults", args.faults] if args.faults else []),
-        # dagster-daemon with logging that stays readable through outages (daemon_logging.py).
-        "daemon": dagster_stack.daemon_command(throttled_logging=True),
+        # dagster-daemon with one-second sensor loops and outage-throttled logging (daemon.py).
+        "daemon": dagster_stack.daemon_command(),
         "webserver": dagster_stack.webserver_command(args.port),
     }
     supervisor = Supervisor(
@@ -257,6 +257,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         lambda m: print(m, flush=True),
         live_minutes=args.live_minutes,
         live_dsns=(pg.dsn("energy_bench_live"), pg.dsn("energy_bench_dagster")),
+        live_only=args.live_only,
     )
     print()
     print(format_table(result))
@@ -397,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0,
         help="also run simulator + daemon live this long (freshness, run overhead)",
+    )
+    p.add_argument(
+        "--live-only", action="store_true", help="only the live section (needs --live-minutes)"
     )
     p.add_argument("--json", help="also write the figures as JSON to this path")
     p.set_defaults(func=cmd_bench)

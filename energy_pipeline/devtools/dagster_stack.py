@@ -51,14 +51,10 @@ def dagster_env(
     }
 
 
-def daemon_command(workspace: Path = WORKSPACE, throttled_logging: bool = False) -> list[str]:
-    """`dagster-daemon run` on `workspace`; with `throttled_logging`, through
-    `devtools.daemon_logging`, whose log stays readable while a server is unreachable."""
-    if throttled_logging:
-        prefix = [sys.executable, "-m", "energy_pipeline.devtools.daemon_logging"]
-    else:
-        prefix = [str(BIN_DIR / "dagster-daemon")]
-    return [*prefix, "run", "-w", str(workspace)]
+def daemon_command(workspace: Path = WORKSPACE) -> list[str]:
+    """The project's daemon (`energy_pipeline.daemon`: `dagster-daemon run` with one-second sensor
+    loops and outage-throttled logging) on `workspace`."""
+    return [sys.executable, "-m", "energy_pipeline.daemon", "run", "-w", str(workspace)]
 
 
 def webserver_command(port: int, workspace: Path = WORKSPACE, host: str = "127.0.0.1") -> list[str]:

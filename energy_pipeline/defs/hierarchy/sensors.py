@@ -119,7 +119,7 @@ def build_hierarchy_sensor(
     lateness_seconds: int = 7200,
     catch_up_days: int = 30,
     run_timeout_seconds: int = 900,
-    minimum_interval_seconds: int = 2,
+    minimum_interval_seconds: int = 1,
 ) -> dg.SensorDefinition:
     """The sensor requesting each 5-minute and hourly window once its minutes are ready.
 

@@ -253,7 +253,7 @@ def build_minute_rollup_sensor(
     @dg.sensor(
         name="minute_rollup_sensor",
         target=[asset],
-        minimum_interval_seconds=2,
+        minimum_interval_seconds=1,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def minute_rollup_sensor(

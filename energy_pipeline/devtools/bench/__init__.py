@@ -45,11 +45,19 @@ def run_bench(
     say: Progress,
     live_minutes: float = 0,
     live_dsns: tuple[str, str] | None = None,
+    live_only: bool = False,
 ) -> dict[str, Any]:
     """Run every measurement; returns the figures (also what `--json` writes).
 
-    `live_dsns` (rollup database, Dagster storage database) enables the live section.
+    `live_dsns` (rollup database, Dagster storage database) enables the live section;
+    `live_only` skips the others.
     """
+    if live_only:
+        if not (live_minutes and live_dsns):
+            raise ValueError("live_only needs live_minutes and live_dsns")
+        say(f"live for {live_minutes} minutes: simulator + Dagster daemon")
+        live = measure_live(targets, *live_dsns, opts, live_minutes, say)
+        return {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat(), "live": live}
     fleet = build_fleet(opts.devices, seed=opts.seed)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     span = max(opts.minutes, opts.long_minutes)
@@ -106,8 +114,8 @@ def run_bench(
     return result
 
 
-def format_table(r: dict[str, Any]) -> str:
-    """The figures as a plain-text table."""
+def _offline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of every section but the live one."""
     m, rd = r["options"], r["reads"]
     rows: list[tuple[str, str]] = [
         ("load: points written (InfluxDB and raw PG table)", f"{r['load']['points']:,}"),
@@ -204,6 +212,13 @@ def format_table(r: dict[str, Any]) -> str:
     rows.append(("scaling: max/min cost per point", f"{r['scaling_spread']:.2f}"))
     rows.append(("scaling: largest deviation from the mean cost per point",
                  f"{r['scaling_max_deviation']:.0%}"))  # fmt: skip
+    return rows
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The figures as a plain-text table."""
+    m = r["options"]
+    rows = _offline_rows(r) if "load" in r else []
     for k, v in (r.get("live") or {}).items():
         if isinstance(v, int | float):
             rows.append((f"live: {k}", f"{v:.2f}"))

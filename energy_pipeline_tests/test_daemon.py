@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from energy_pipeline.devtools.daemon_logging import OutageThrottle
+import pytest
+
+from energy_pipeline.daemon import OutageThrottle
 
 REFUSED = (
     '(psycopg2.OperationalError) connection to server at "127.0.0.1", port 5432 failed: '
@@ -70,7 +72,7 @@ def test_daemon_process_logs_outage_once_and_never_duplicates_dagster_lines() ->
     code = textwrap.dedent(
         f"""
         import logging, sys
-        from energy_pipeline.devtools.daemon_logging import install
+        from energy_pipeline.daemon import install
         install()
         dagster = logging.getLogger("dagster")  # what Dagster's configure_loggers sets up
         handler = logging.StreamHandler(sys.stdout)
@@ -102,3 +104,21 @@ def test_daemon_process_logs_outage_once_and_never_duplicates_dagster_lines() ->
     assert sum("an unrelated warning" in line for line in out) == 1
     assert not any(line.startswith(("INFO:", "WARNING:root", "ERROR:")) for line in out)
     assert len(out) == 4
+
+
+def test_sensor_loop_setting_is_validated_and_reaches_dagsters_sensor_daemon():
+    from dagster._daemon import sensor
+
+    from energy_pipeline.daemon import sensor_loop_seconds, set_sensor_loop
+
+    assert sensor_loop_seconds({}) == 1.0
+    assert sensor_loop_seconds({"ENERGY_SENSOR_LOOP_SECONDS": "0.5"}) == 0.5
+    for bad in ("0", "6", "fast"):
+        with pytest.raises(SystemExit, match="ENERGY_SENSOR_LOOP_SECONDS must be between"):
+            sensor_loop_seconds({"ENERGY_SENSOR_LOOP_SECONDS": bad})
+    before = sensor.MIN_INTERVAL_LOOP_TIME
+    try:
+        set_sensor_loop(1.0)
+        assert sensor.MIN_INTERVAL_LOOP_TIME == 1.0
+    finally:
+        sensor.MIN_INTERVAL_LOOP_TIME = before
