@@ -18,6 +18,7 @@ from energy_pipeline.resources import PostgresResource
 from energy_pipeline.storage import connect, create_partitions
 
 DAY0 = datetime(2026, 10, 1, tzinfo=UTC)
+FAILING = "2026-10-07"
 
 
 @pytest.fixture
@@ -34,6 +35,8 @@ def _daily(start: datetime) -> dg.DailyPartitionsDefinition:
 
 @dg.asset(partitions_def=_daily(DAY0))
 def sample(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    if context.partition_key == FAILING:
+        raise RuntimeError("this partition's runs fail")
     return dg.MaterializeResult(metadata={"partition": context.partition_key})
 
 
@@ -42,13 +45,19 @@ def _key(day: int) -> str:
 
 
 def _materialize(instance: dg.DagsterInstance, day: int) -> str:
-    result = dg.materialize([sample], instance=instance, partition_key=_key(day))
-    assert result.success
+    result = dg.materialize(
+        [sample], instance=instance, partition_key=_key(day), raise_on_error=False
+    )
+    assert result.success == (_key(day) != FAILING)
     return result.run_id
 
 
+def _status(instance: dg.DagsterInstance, pdef: dg.PartitionsDefinition, keys) -> dict:
+    return dict(instance.get_status_by_partition(sample.key, list(keys), pdef) or {})
+
+
 def _materialized(instance: dg.DagsterInstance, pdef: dg.PartitionsDefinition, keys) -> set[str]:
-    status = instance.get_status_by_partition(sample.key, list(keys), pdef) or {}
+    status = _status(instance, pdef, keys)
     return {k for k, v in status.items() if v == AssetPartitionStatus.MATERIALIZED}
 
 
@@ -56,12 +65,15 @@ def test_purge_keeps_the_runs_partition_status_rests_on(instance):
     runs = {day: [_materialize(instance, day)] for day in range(6)}
     runs[1].append(_materialize(instance, 1))  # re-materialized: the older run can go
     runs[4].append(_materialize(instance, 4))
+    runs[6] = [_materialize(instance, 6)]  # fails: the partition shows as failed
     # The window moved: partitions start at day 3 now (days 0..2 left it, like old minutes).
     now = DAY0 + timedelta(days=7)
     window = _daily(DAY0 + timedelta(days=3))
     surviving = {_key(d) for d in (3, 4, 5)}
     with dg.partition_loading_context(effective_dt=now, dynamic_partitions_store=instance):
         assert _materialized(instance, window, surviving) == surviving
+        status = _status(instance, window, window.get_partition_keys())
+        assert status[FAILING] == AssetPartitionStatus.FAILED
 
         dry = purge_runs(
             instance,
@@ -70,23 +82,23 @@ def test_purge_keeps_the_runs_partition_status_rests_on(instance):
             now,
             dry_run=True,
         )
-        assert (dry.runs_deleted, dry.runs_kept) == (5, 3)
-        assert len(old_finished_runs(instance, datetime.now(UTC) + timedelta(seconds=1))) == 8
+        assert (dry.runs_deleted, dry.runs_kept) == (5, 4)
+        assert len(old_finished_runs(instance, datetime.now(UTC) + timedelta(seconds=1))) == 9
 
         purge = purge_runs(
             instance, {sample.key: window}, datetime.now(UTC) + timedelta(seconds=1), now
         )
-        assert (purge.runs_deleted, purge.runs_kept) == (5, 3)
-        assert purge.kept_run_ids == {runs[3][-1], runs[4][-1], runs[5][-1]}
+        assert (purge.runs_deleted, purge.runs_kept) == (5, 4)
+        assert purge.kept_run_ids == {runs[3][-1], runs[4][-1], runs[5][-1], runs[6][0]}
         left = {r.dagster_run.run_id for r in instance.get_run_records()}
         assert left == purge.kept_run_ids
         # Their event logs went with them.
         assert not instance.all_logs(runs[0][0]) and not instance.all_logs(runs[4][0])
 
         # Status is unchanged, also when rebuilt from the event log (as after a partitions change).
-        assert _materialized(instance, window, surviving) == surviving
+        assert _status(instance, window, window.get_partition_keys()) == status
         instance.event_log_storage.wipe_asset_cached_status(sample.key)
-        assert _materialized(instance, window, surviving) == surviving
+        assert _status(instance, window, window.get_partition_keys()) == status
         latest = instance.get_latest_materialization_event(sample.key)
         assert latest is not None and latest.run_id == runs[4][-1]  # the newest run of all
 
@@ -94,7 +106,7 @@ def test_purge_keeps_the_runs_partition_status_rests_on(instance):
         again = purge_runs(
             instance, {sample.key: window}, datetime.now(UTC) + timedelta(seconds=1), now
         )
-        assert (again.runs_deleted, again.runs_kept) == (0, 3)
+        assert (again.runs_deleted, again.runs_kept) == (0, 4)
 
         # The mechanism the purge protects against is real: deleting a kept run loses its
         # partition's status once the cache is rebuilt.
@@ -111,6 +123,18 @@ def test_purge_leaves_runs_newer_than_the_cutoff(instance):
     assert purge.runs_deleted == 1
     assert {r.dagster_run.run_id for r in instance.get_run_records()} == {new}
     assert instance.get_run_by_id(old) is None
+
+
+def test_a_long_backlog_is_purged_over_several_runs(instance):
+    for _ in range(3):
+        _materialize(instance, 0)
+    cut, now, assets = datetime.now(UTC), DAY0 + timedelta(days=2), {sample.key: _daily(DAY0)}
+    first = purge_runs(instance, assets, cut, now, max_deletes=1)
+    assert (first.runs_deleted, first.runs_kept, first.runs_left) == (1, 1, 1)
+    assert "1 left for the next purge" in first.summary()
+    second = purge_runs(instance, assets, cut, now, max_deletes=1)
+    assert (second.runs_deleted, second.runs_kept, second.runs_left) == (1, 1, 0)
+    assert len(instance.get_run_records()) == 1
 
 
 # The retention job as a code location runs it: from a repository (the asset asks it which

@@ -5,7 +5,8 @@ Dagster tracks which partitions are materialized in a status cache per asset, re
 event log whenever the asset's partitions definition changes (here, every UTC midnight, when the
 rolling starts move). Deleting a run deletes its events, so a run holding the latest
 materialization of a partition that still exists is kept: its partition stays materialized in the
-UI, with its latest metadata. Runs whose partitions all left the window go.
+UI, with its latest metadata. So is a run holding the latest attempt of a partition that never
+succeeded since (a failed partition stays failed). Runs whose partitions all left the window go.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dagster._core.events import DagsterEventType
 FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 RUN_PAGE = 500
 FETCH_BATCH = 500
+# Runs deleted per purge at most (about 10 ms each): a first purge of a long backlog spreads over
+# a few days instead of outlasting the job's run timeout.
+MAX_DELETES = 50_000
 
 
 @dataclass
@@ -30,14 +34,16 @@ class RunPurge:
     dry_run: bool
     runs_deleted: int = 0
     runs_kept: int = 0
+    runs_left: int = 0
     kept_run_ids: set[str] = field(default_factory=set, repr=False)
 
     def summary(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
+        left = f", {self.runs_left} left for the next purge" if self.runs_left else ""
         return (
             f"Dagster runs created before {self.created_before:%Y-%m-%d %H:%M} UTC: {verb} "
-            f"{self.runs_deleted}, kept {self.runs_kept} (latest materialization of a partition "
-            "that still exists)"
+            f"{self.runs_deleted}, kept {self.runs_kept} (latest materialization or attempt of a "
+            f"partition that still exists){left}"
         )
 
 
@@ -51,8 +57,9 @@ def status_runs(
     assets: Mapping[dg.AssetKey, dg.PartitionsDefinition | None],
     now: datetime,
 ) -> set[str]:
-    """Ids of the runs holding the latest materialization of each existing partition (of each
-    unpartitioned asset: its latest materialization) of `assets`."""
+    """Ids of the runs holding the latest materialization, and the latest attempt not followed by
+    one, of each existing partition of `assets` (of an unpartitioned asset: its latest
+    materialization)."""
     keep: set[str] = set()
     storage = instance.event_log_storage
     with dg.partition_loading_context(effective_dt=now, dynamic_partitions_store=instance):
@@ -73,6 +80,12 @@ def status_runs(
                     dg.AssetRecordsFilter(asset_key=key, storage_ids=list(chunk)), limit=len(chunk)
                 ).records
                 keep |= {r.run_id for r in records}
+            attempts = storage.get_latest_asset_partition_materialization_attempts_without_materializations(  # noqa: E501
+                key
+            )
+            keep |= {
+                run_id for p, (run_id, _) in attempts.items() if partitions_def.has_partition_key(p)
+            }
     return keep
 
 
@@ -100,6 +113,7 @@ def purge_runs(
     now: datetime,
     *,
     dry_run: bool = False,
+    max_deletes: int = MAX_DELETES,
 ) -> RunPurge:
     """Delete finished runs created before `created_before` and their event logs, keeping the
     runs partition status rests on (see module doc). Safe to run again: it deletes only what is
@@ -110,6 +124,9 @@ def purge_runs(
         if run_id in keep:
             result.runs_kept += 1
             result.kept_run_ids.add(run_id)
+            continue
+        if result.runs_deleted >= max_deletes:
+            result.runs_left += 1
             continue
         if not dry_run:
             instance.delete_run(run_id)
