@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 import polars as pl
 import psycopg
@@ -221,25 +222,45 @@ def rules_frame(rules: Sequence[Rule]) -> pl.DataFrame:
     )
 
 
-def _pairs(values: pl.DataFrame, rules: pl.DataFrame) -> pl.DataFrame:
+def _pairs(values: pl.LazyFrame, rules: pl.DataFrame) -> pl.LazyFrame:
     """Every (rule, entity) the rules cover and the window has a value for."""
-    everyone = rules.filter(pl.col("entity_ids").is_null()).drop("entity_ids")
+    everyone = rules.filter(pl.col("entity_ids").is_null()).drop("entity_ids").lazy()
     named = (
         rules.filter(pl.col("entity_ids").is_not_null())
         .explode("entity_ids")
         .rename({"entity_ids": "entity"})
+        .lazy()
     )
     return pl.concat(
         [
             values.join(everyone, on=["entity_type", "metric"]),
-            values.join(named, on=["entity_type", "metric", "entity"]),
-        ],
-        how="diagonal_relaxed",
+            values.join(named, on=["entity_type", "metric", "entity"]).select(
+                values.collect_schema().names()
+                + [
+                    c
+                    for c in everyone.collect_schema().names()
+                    if c not in ("entity_type", "metric")
+                ]
+            ),
+        ]
     )
 
 
-def _condition() -> pl.Expr:
-    value, threshold, op = pl.col("value"), pl.col("threshold"), pl.col("operator")
+def _thresholds(pairs: pl.LazyFrame) -> pl.LazyFrame:
+    # One comparison for every operator: which signs of (value - threshold) breach it.
+    diff = pl.col("value") - pl.col("threshold")
+    op = pl.col("operator")
+    above = op.is_in([">", ">=", "!="]) & (diff > 0)
+    below = op.is_in(["<", "<=", "!="]) & (diff < 0)
+    equal = op.is_in([">=", "<=", "=="]) & (diff == 0)
+    return pairs.with_columns(
+        (above | below | equal).fill_null(False).alias("breached"),
+        *[pl.lit(None, dtype=pl.Float64).alias(c) for c in ("z", "baseline_mean", "baseline_std")],
+        pl.lit(None, dtype=pl.Int64).alias("baseline_n"),
+    )
+
+
+def _anomalies(pairs: pl.LazyFrame, baselines: pl.DataFrame) -> pl.LazyFrame:
     # The spread never goes below an absolute or a relative floor: a flat device's zero
     # variance cannot divide by zero, and noise around a small mean cannot pass k.
     spread = pl.max_horizontal(
@@ -247,26 +268,24 @@ def _condition() -> pl.Expr:
         pl.col("floor_w"),
         pl.col("floor_ratio") * pl.col("baseline_mean").abs(),
     )
-    z = (value - pl.col("baseline_mean")) / spread
-    anomaly = (pl.col("baseline_n") >= pl.col("min_history")) & (z.abs() >= threshold)
-    return pl.struct(
-        z=pl.when(op == ANOMALY_OPERATOR).then(z),
-        breached=pl.when(op == ">")
-        .then(value > threshold)
-        .when(op == ">=")
-        .then(value >= threshold)
-        .when(op == "<")
-        .then(value < threshold)
-        .when(op == "<=")
-        .then(value <= threshold)
-        .when(op == "==")
-        .then(value == threshold)
-        .when(op == "!=")
-        .then(value != threshold)
-        .when(op == ANOMALY_OPERATOR)
-        .then(anomaly)
-        .otherwise(False)
-        .fill_null(False),
+    z = (pl.col("value") - pl.col("baseline_mean")) / spread
+    return (
+        pairs.join(
+            baselines.lazy().rename(
+                {"mean": "baseline_mean", "std": "baseline_std", "n": "baseline_n"}
+            ),
+            on=["entity_type", "entity", "days"],
+            how="left",
+        )
+        .with_columns(z.alias("z"), pl.col("baseline_n").cast(pl.Int64))
+        .with_columns(
+            (
+                (pl.col("baseline_n") >= pl.col("min_history"))
+                & (pl.col("z").abs() >= pl.col("threshold"))
+            )
+            .fill_null(False)
+            .alias("breached")
+        )
     )
 
 
@@ -274,23 +293,16 @@ def evaluate(
     values: pl.DataFrame, rules: pl.DataFrame, baselines: pl.DataFrame | None = None
 ) -> pl.DataFrame:
     """Every rule's condition for every entity of the window (RESULT_COLUMNS)."""
-    pairs = _pairs(values, rules)
     if baselines is None or baselines.is_empty():
         baselines = pl.DataFrame(schema={**BASELINE_SCHEMA, "days": pl.Int64})
-    pairs = pairs.join(
-        baselines.rename({"mean": "baseline_mean", "std": "baseline_std", "n": "baseline_n"}),
-        on=["entity_type", "entity", "days"],
-        how="left",
-    )
-    return (
-        pairs.with_columns(_condition().alias("c"))
-        .unnest("c")
-        .with_columns(
-            pl.when(pl.col("operator") == ANOMALY_OPERATOR).then(pl.col(c)).alias(c)
-            for c in ("baseline_mean", "baseline_std", "baseline_n")
-        )
-        .select(RESULT_COLUMNS)
-    )
+    is_anomaly = pl.col("operator") == ANOMALY_OPERATOR
+    lazy = values.lazy()
+    return pl.concat(
+        [
+            _thresholds(_pairs(lazy, rules.filter(~is_anomaly))).select(RESULT_COLUMNS),
+            _anomalies(_pairs(lazy, rules.filter(is_anomaly)), baselines).select(RESULT_COLUMNS),
+        ]
+    ).collect()
 
 
 def read_values(conn: psycopg.Connection, grain: str, start: datetime) -> pl.DataFrame:
@@ -358,7 +370,7 @@ class WindowEvaluation:
     start: datetime
     results: pl.DataFrame
 
-    @property
+    @cached_property
     def breached(self) -> pl.DataFrame:
         return self.results.filter(pl.col("breached"))
 

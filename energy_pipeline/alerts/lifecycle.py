@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import polars as pl
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -154,12 +155,9 @@ def _step(state: _State, rules: dict[str, Rule], ev: WindowEvaluation) -> None:
 
 
 def _values_of(ev: WindowEvaluation, keys: list[Key]) -> dict[Key, dict[str, Any]]:
-    wanted = set(keys)
-    return {
-        (r["rule_id"], r["entity"]): r
-        for r in ev.results.iter_rows(named=True)
-        if (r["rule_id"], r["entity"]) in wanted
-    }
+    wanted = pl.DataFrame(keys, schema={"rule_id": pl.String, "entity": pl.String}, orient="row")
+    found = ev.results.join(wanted, on=["rule_id", "entity"], how="semi")
+    return {(r["rule_id"], r["entity"]): r for r in found.iter_rows(named=True)}
 
 
 def _catch_up(state: _State) -> None:
@@ -178,27 +176,33 @@ def _catch_up(state: _State) -> None:
 
 
 def _write_episodes(cur: psycopg.Cursor, episodes: list[Episode], grain: str) -> None:
-    for ep in episodes:
+    def values(ep: Episode) -> tuple:
         state = "resolved" if ep.resolved_at else "firing"
-        values = (
+        return (
             state, ep.last_value, ep.last_bucket, ep.resolved_at, ep.last_notified_at, ep.repeats,
         )  # fmt: skip
-        if ep.alert_id is None:
-            cur.execute(
-                "INSERT INTO energy.alerts (state, last_value, last_bucket, resolved_at, "
-                "last_notified_at, repeats, rule_id, entity, entity_type, grain, started_at, "
-                "first_value) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "RETURNING alert_id",
-                (*values, ep.rule_id, ep.entity, ep.entity_type, grain, ep.started_at,
-                 ep.first_value),
-            )  # fmt: skip
+
+    new = [ep for ep in episodes if ep.alert_id is None]
+    changed = [ep for ep in episodes if ep.alert_id is not None and ep.changed]
+    if new:
+        cur.executemany(
+            "INSERT INTO energy.alerts (state, last_value, last_bucket, resolved_at, "
+            "last_notified_at, repeats, rule_id, entity, entity_type, grain, started_at, "
+            "first_value) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "RETURNING alert_id",
+            [(*values(ep), ep.rule_id, ep.entity, ep.entity_type, grain, ep.started_at,
+              ep.first_value) for ep in new],
+            returning=True,
+        )  # fmt: skip
+        for ep in new:
             ep.alert_id = cur.fetchone()[0]  # type: ignore[index]
-        elif ep.changed:
-            cur.execute(
-                "UPDATE energy.alerts SET state = %s, last_value = %s, last_bucket = %s, "
-                "resolved_at = %s, last_notified_at = %s, repeats = %s WHERE alert_id = %s",
-                (*values, ep.alert_id),
-            )
+            cur.nextset()
+    if changed:
+        cur.executemany(
+            "UPDATE energy.alerts SET state = %s, last_value = %s, last_bucket = %s, "
+            "resolved_at = %s, last_notified_at = %s, repeats = %s WHERE alert_id = %s",
+            [(*values(ep), ep.alert_id) for ep in changed],
+        )
 
 
 def _write_pending(cur: psycopg.Cursor, rule_ids: list[str], pending: dict[Key, Pending]) -> None:
@@ -274,28 +278,35 @@ def _write_outbox(
         (now,),
     )
     silences = cur.fetchall()
-    to_send, suppressed = [], 0
+    rows, reasons = [], []
     for event in events:
         ep, rule = event.episode, rules[event.episode.rule_id]
         reason = event.suppressed or _silence(silences, ep.rule_id, ep.entity)
         body = Jsonb(payload(rule, event, grain))
+        key = f"{ep.rule_id}:{ep.entity}:{ep.started_at.isoformat()}:{event.kind}:{event.seq}"
         for channel in rule.channels:
-            key = f"{ep.rule_id}:{ep.entity}:{ep.started_at.isoformat()}:{event.kind}:{event.seq}"
-            cur.execute(
-                "INSERT INTO energy.alert_outbox (idempotency_key, alert_id, rule_id, entity, "
-                "channel, kind, payload, suppressed, next_attempt_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (idempotency_key) DO NOTHING RETURNING outbox_id",
-                (f"{key}:{channel}", ep.alert_id, ep.rule_id, ep.entity, channel, event.kind,
-                 body, reason, now),
-            )  # fmt: skip
-            row = cur.fetchone()
-            if row is None:
-                continue
+            rows.append((f"{key}:{channel}", ep.alert_id, ep.rule_id, ep.entity, channel,
+                         event.kind, body, reason, now))  # fmt: skip
+            reasons.append(reason)
+    to_send: list[int] = []
+    suppressed = 0
+    if not rows:
+        return to_send, suppressed
+    cur.executemany(
+        "INSERT INTO energy.alert_outbox (idempotency_key, alert_id, rule_id, entity, channel, "
+        "kind, payload, suppressed, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING outbox_id",
+        rows,
+        returning=True,
+    )
+    for reason in reasons:
+        row = cur.fetchone()  # None: the key was written before
+        if row is not None:
             if reason:
                 suppressed += 1
             else:
                 to_send.append(row[0])
+        cur.nextset()
     return to_send, suppressed
 
 

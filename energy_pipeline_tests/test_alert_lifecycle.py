@@ -1,0 +1,239 @@
+"""Episodes and their outbox in a real PostgreSQL: `for` and cooldown over a sequence of minutes,
+deadman, re-runs and late recomputes that never notify twice, racing runs, catch-up ranges that
+notify only open episodes, silences that suppress and record."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+
+from energy_pipeline.alerts.evaluate import evaluate_window
+from energy_pipeline.alerts.lifecycle import (
+    CATCH_UP,
+    Outcome,
+    add_silence,
+    apply_windows,
+    history,
+)
+from energy_pipeline.alerts.rules import Rule, apply_rules, parse_rules
+from energy_pipeline.storage import connect
+from energy_pipeline_tests.test_alert_evaluate import a_minute, put_minute, register
+
+HOUSEHOLDS = {"d1": "h1", "d2": "h1", "d3": "h2"}
+HOT = (
+    "rules:\n"
+    "  - {id: hot, kind: threshold, metric: power_w_avg, operator: '>', threshold: 1000,"
+    " for: 3, cooldown: 3m, severity: critical, channels: [webhook, log],"
+    " runbook_url: 'https://example.org/hot'}\n"
+)
+
+
+def setup_rules(conn: psycopg.Connection, text: str) -> list[Rule]:
+    rules = parse_rules(text)
+    apply_rules(conn, rules)
+    register(conn, HOUSEHOLDS)
+    return rules
+
+
+def run_minutes(
+    conn: psycopg.Connection, rules: list[Rule], minutes: list[datetime], now: datetime
+) -> Outcome:
+    """Evaluate the minutes and apply them in one call (a ranged run when several)."""
+    evaluations = [evaluate_window(conn, rules, "1m", m) for m in minutes]
+    return apply_windows(conn, rules, evaluations, now)
+
+
+def outbox(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute(
+        "SELECT entity, kind, channel, suppressed, idempotency_key FROM energy.alert_outbox "
+        "ORDER BY outbox_id"
+    ).fetchall()
+
+
+def episodes(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute(
+        "SELECT rule_id, entity, state, started_at, resolved_at, first_value, last_value, "
+        "repeats FROM energy.alerts ORDER BY alert_id"
+    ).fetchall()
+
+
+def test_for_and_cooldown_over_a_sequence_of_minutes(pg_dsn):
+    start = a_minute(40)
+    minutes = [start + timedelta(minutes=i) for i in range(10)]
+    # d1 above 1000 W in minutes 1..7; d2 only in minutes 2..3 (never 3 in a row)
+    draws = [(500, 0), (1100, 0), (1200, 1500), (1300, 1500), (1400, 0), (1500, 0),
+             (1600, 0), (1700, 0), (900, 0), (800, 0)]  # fmt: skip
+    now = datetime.now(UTC)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, HOT)
+        kinds_per_minute = []
+        for minute, (d1, d2) in zip(minutes, draws, strict=True):
+            put_minute(conn, minute, {"d1": float(d1), "d2": float(d2)}, HOUSEHOLDS)
+            before = len(outbox(conn))
+            outcome = run_minutes(conn, rules, [minute], now)
+            assert len(outcome.outbox_ids) == len(outbox(conn)) - before
+            kinds_per_minute.append(sorted({row[1] for row in outbox(conn)[before:]}))
+        assert kinds_per_minute == [
+            [],
+            [],
+            [],
+            ["firing"],
+            [],
+            [],
+            ["repeat"],
+            [],
+            ["resolved"],
+            [],
+        ]
+        assert episodes(conn) == [
+            ("hot", "d1", "resolved", minutes[1], minutes[8], 1300.0, 1700.0, 1)
+        ]
+        rows = outbox(conn)
+        assert [(r[1], r[2]) for r in rows] == [
+            ("firing", "log"), ("firing", "webhook"), ("repeat", "log"), ("repeat", "webhook"),
+            ("resolved", "log"), ("resolved", "webhook"),
+        ]  # fmt: skip
+        assert rows[1][4] == f"hot:d1:{minutes[1].isoformat()}:firing:0:webhook"
+        payload = conn.execute(
+            "SELECT payload FROM energy.alert_outbox WHERE kind = 'firing' AND channel = 'log'"
+        ).fetchone()[0]
+        assert payload["value"] == 1300.0 and payload["threshold"] == 1000.0
+        assert payload["window_start"] == minutes[3].isoformat()
+        assert payload["started_at"] == minutes[1].isoformat()
+        assert payload["runbook_url"] == "https://example.org/hot"
+        assert payload["summary"].startswith("[CRITICAL] FIRING: hot — device d1")
+        assert conn.execute("SELECT count(*) FROM energy.alert_pending").fetchone() == (0,)
+
+
+def test_rerun_and_late_recompute_of_a_minute_add_no_outbox_row(pg_dsn):
+    start = a_minute(30)
+    minutes = [start + timedelta(minutes=i) for i in range(4)]
+    now = datetime.now(UTC)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, HOT)
+        for m in minutes:
+            put_minute(conn, m, {"d1": 2000.0}, HOUSEHOLDS)
+            run_minutes(conn, rules, [m], now)
+        before, states = outbox(conn), episodes(conn)
+        assert [r[1] for r in before] == ["firing", "firing"]
+        again = run_minutes(conn, rules, [minutes[-1]], now)  # the same minute re-run
+        # late data recomputes an older minute: now clear, yet the episode has moved on
+        put_minute(conn, minutes[1], {"d1": 10.0}, HOUSEHOLDS)
+        late = run_minutes(conn, rules, [minutes[1]], now)
+        assert again.skipped == [minutes[-1]] and late.skipped == [minutes[1]]
+        assert again.outbox_ids == late.outbox_ids == []
+        assert outbox(conn) == before and episodes(conn) == states
+
+
+def test_racing_runs_of_one_minute_notify_once(pg_dsn):
+    start = a_minute(30)
+    rules_text = HOT.replace("for: 3", "for: 1")
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        put_minute(conn, start, {"d1": 2000.0, "d2": 3000.0}, HOUSEHOLDS)
+    outcomes: list[Outcome] = []
+    barrier = threading.Barrier(4)
+
+    def run() -> None:
+        with connect(pg_dsn) as conn:
+            evaluation = evaluate_window(conn, rules, "1m", start)
+            barrier.wait()
+            outcomes.append(apply_windows(conn, rules, [evaluation], datetime.now(UTC)))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(o.outbox_ids) for o in outcomes) == [0, 0, 0, 4]
+    with connect(pg_dsn) as conn:
+        assert len(outbox(conn)) == 4 and len(episodes(conn)) == 2
+
+
+def test_deadman_fires_after_n_silent_minutes_and_resolves_when_heard(pg_dsn):
+    text = "rules:\n  - {id: silent, kind: quality, check: silent, minutes: 3, channels: [log]}\n"
+    start = a_minute(30)
+    now = datetime.now(UTC)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, text)
+        fired_at = []
+        for i in range(6):
+            minute = start + timedelta(minutes=i)
+            heard = {"d1": 10.0, "d2": 10.0} | ({"d3": 5.0} if i == 5 else {})
+            put_minute(conn, minute, heard, HOUSEHOLDS)
+            outcome = run_minutes(conn, rules, [minute], now)
+            fired_at += [(i, "firing")] * outcome.opened + [(i, "resolved")] * outcome.resolved
+        assert fired_at == [(2, "firing"), (5, "resolved")]
+        assert episodes(conn)[0][:5] == (
+            "silent", "d3", "resolved", start, start + timedelta(minutes=5),
+        )  # fmt: skip
+
+
+def test_ranged_run_notifies_only_episodes_still_open_at_its_end(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1")
+    start = a_minute(50)
+    minutes = [start + timedelta(minutes=i) for i in range(30)]
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        for i, m in enumerate(minutes):
+            # d1 flaps early in the range; d2 fires from minute 20 on and is still firing
+            d1 = 2000.0 if i in (2, 3, 7) else 10.0
+            d2 = 2000.0 if i >= 20 else 10.0
+            put_minute(conn, m, {"d1": d1, "d2": d2}, HOUSEHOLDS)
+        outcome = run_minutes(conn, rules, minutes, datetime.now(UTC))
+        sent = conn.execute(
+            "SELECT entity, kind, channel, payload->>'window_start' FROM energy.alert_outbox "
+            "WHERE outbox_id = ANY(%s) ORDER BY outbox_id",
+            (outcome.outbox_ids,),
+        ).fetchall()
+        suppressed = conn.execute(
+            "SELECT entity, kind, suppressed FROM energy.alert_outbox WHERE suppressed IS NOT NULL"
+        ).fetchall()
+    assert outcome.applied == minutes and outcome.opened == 1
+    # d2: one firing per channel, and the last repeat (cooldown 3 m: minutes 23, 26, 29)
+    assert [(e, k, c) for e, k, c, _ in sent] == [
+        ("d2", "firing", "log"), ("d2", "firing", "webhook"),
+        ("d2", "repeat", "log"), ("d2", "repeat", "webhook"),
+    ]  # fmt: skip
+    assert sent[-1][3] == minutes[29].isoformat()
+    # d1's two episodes (2-3 and 7) and d2's earlier repeats are recorded, never sent
+    d1 = [s for s in suppressed if s[0] == "d1"]
+    assert len(d1) == 8 and {s[2] for s in d1} == {CATCH_UP}
+    assert sum(1 for s in suppressed if s[0] == "d2" and s[1] == "repeat") == 4
+
+
+def test_silence_suppresses_delivery_and_is_recorded(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1")
+    start = a_minute(30)
+    now = datetime.now(UTC)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        add_silence(conn, now + timedelta(hours=1), entity="d1", reason="maintenance")
+        add_silence(conn, now - timedelta(minutes=1), entity="d2")  # already over
+        put_minute(conn, start, {"d1": 2000.0, "d2": 2000.0}, HOUSEHOLDS)
+        outcome = run_minutes(conn, rules, [start], now)
+        rows = {(r[0], r[2]): r[3] for r in outbox(conn)}
+        assert rows[("d2", "webhook")] is None and rows[("d2", "log")] is None
+        assert rows[("d1", "webhook")].startswith("silenced until ")
+        assert rows[("d1", "webhook")].endswith(": maintenance")
+        assert outcome.suppressed == 2 and len(outcome.outbox_ids) == 2
+        past = history(conn, start - timedelta(hours=1))
+        assert {(h["entity"], h["notifications"], h["suppressed"]) for h in past} == {
+            ("d1", 0, 2),
+            ("d2", 2, 0),
+        }
+
+
+def test_disabling_a_rule_closes_its_open_episodes_quietly(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1")
+    start = a_minute(30)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        put_minute(conn, start, {"d1": 2000.0}, HOUSEHOLDS)
+        run_minutes(conn, rules, [start], datetime.now(UTC))
+        result = apply_rules(conn, [])
+        assert result.disabled == ["hot"]
+        assert [e[2] for e in episodes(conn)] == ["resolved"]
+        assert [r[1] for r in outbox(conn)] == ["firing", "firing"]
