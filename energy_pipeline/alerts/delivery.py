@@ -39,17 +39,28 @@ MAX_ATTEMPTS = 8
 # this; should a process hang anyway, PostgreSQL ends its session and releases the row.
 SEND_LOCK_TIMEOUT = "120s"
 
-_CLAIM = """
-SELECT outbox_id, idempotency_key, channel, kind, rule_id, entity, payload, attempts
+# Rows to try, oldest due first, read without locks; each is then claimed on its own. A claim
+# by primary key costs the same however many rows a pass has already handled.
+_DUE = """
+SELECT outbox_id
 FROM energy.alert_outbox
 WHERE delivered_at IS NULL AND dead_lettered_at IS NULL AND suppressed IS NULL
   AND next_attempt_at <= %(now)s
   AND outbox_id <> ALL(%(tried)s)
   AND (%(ids)s::bigint[] IS NULL OR outbox_id = ANY(%(ids)s))
 ORDER BY next_attempt_at, outbox_id
-LIMIT 1
+LIMIT %(batch)s
+"""
+# The same conditions again under the lock: another deliverer may have sent the row meanwhile.
+_CLAIM = """
+SELECT outbox_id, idempotency_key, channel, kind, rule_id, entity, payload, attempts
+FROM energy.alert_outbox
+WHERE outbox_id = %(id)s
+  AND delivered_at IS NULL AND dead_lettered_at IS NULL AND suppressed IS NULL
+  AND next_attempt_at <= %(now)s
 FOR UPDATE SKIP LOCKED
 """
+BATCH_ROWS = 500
 _DELIVERED = """
 UPDATE energy.alert_outbox
 SET delivered_at = clock_timestamp(), attempts = attempts + 1
@@ -158,15 +169,28 @@ def deliver_pending(
     tried: list[int] = []
     ids = list(outbox_ids) if outbox_ids is not None else None
     started = time.monotonic()
-    while time_budget_s is None or time.monotonic() - started < time_budget_s:
-        with conn.transaction():
-            row = conn.execute(_CLAIM, {"now": now, "tried": tried, "ids": ids}).fetchone()
-            if row is None:
+
+    def in_budget() -> bool:
+        return time_budget_s is None or time.monotonic() - started < time_budget_s
+
+    while in_budget():
+        params = {"now": now, "tried": tried, "ids": ids, "batch": BATCH_ROWS}
+        batch = [r[0] for r in conn.execute(_DUE, params).fetchall()]
+        if not batch:
+            break
+        for outbox_id in batch:
+            if not in_budget():
                 break
-            note = Notification(*row)
-            tried.append(note.outbox_id)
-            conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{SEND_LOCK_TIMEOUT}'")
-            _send_and_record(conn, channels, note, now, log, max_attempts, backoff, rng, stats)
+            tried.append(outbox_id)
+            with conn.transaction():
+                row = conn.execute(_CLAIM, {"id": outbox_id, "now": now}).fetchone()
+                if row is None:
+                    continue  # sent or being sent by another deliverer
+                conn.execute(
+                    f"SET LOCAL idle_in_transaction_session_timeout = '{SEND_LOCK_TIMEOUT}'"
+                )
+                note = Notification(*row)
+                _send_and_record(conn, channels, note, now, log, max_attempts, backoff, rng, stats)
     return stats
 
 
