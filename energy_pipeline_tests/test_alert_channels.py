@@ -381,3 +381,17 @@ def test_no_alert_settings_leave_only_the_log_channel():
     settings = Settings.from_env({})
     channels = build_resources(settings)["alert_channels"].channels()  # type: ignore[attr-defined]
     assert (channels.webhook, channels.slack, channels.email) == (None, None, None)
+
+
+def test_failures_never_show_the_slack_url(receiver):
+    # The incoming-webhook URL is the credential: no error text may carry it.
+    secret_path = "/services/T000/B000/xyzSECRETpath"
+    receiver.delay_s = 1.0
+    slow = SlackChannel(f"http://127.0.0.1:{receiver.port}{secret_path}", timeout_s=0.2)
+    with pytest.raises(TransientError) as timed_out:
+        slow.send(notification())
+    receiver.stop()
+    with pytest.raises(TransientError) as refused:
+        slow.send(notification())
+    for caught in (timed_out, refused):
+        assert "xyzSECRET" not in str(caught.value) and caught.value.__cause__ is None
