@@ -10,6 +10,7 @@ import dagster as dg
 from energy_pipeline.alerts.channels import AlertChannelsResource
 from energy_pipeline.config import Settings
 from energy_pipeline.defs import hierarchy, minute_rollups, partition_window
+from energy_pipeline.defs.alerts import build_defs as build_alert_defs
 from energy_pipeline.defs.alerts import delivery_defs as alert_delivery
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
 from energy_pipeline.defs.retention import build_defs as build_retention_defs
@@ -75,6 +76,7 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
         hierarchy.build_defs(settings.lateness_seconds, settings.run_timeout_seconds),
         build_retention_defs(settings),
         alert_delivery.build_defs(),
+        build_alert_defs(now or datetime.now(UTC), settings.raw_retention_days),
     ]
     return dg.Definitions.merge(
         *domains,

@@ -1,0 +1,176 @@
+"""The alert checks through Dagster, against real InfluxDB and PostgreSQL: part of the run the
+minute sensor requests, one result per partition with the firing entities, re-runs that notify
+nothing new, catch-up ranges, delivery on the fast path, the blocking contract check."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import dagster as dg
+import polars as pl
+import psycopg
+import pytest
+
+from energy_pipeline.alerts.rules import apply_rules, parse_rules
+from energy_pipeline.config import Settings
+from energy_pipeline.definitions import build_definitions
+from energy_pipeline.defs.alerts.checks import ALERT_RULES, CONTRACT, MINUTE_ROLLUP
+from energy_pipeline.devtools.lineprotocol import encode_points
+from energy_pipeline.influx import InfluxClient
+from energy_pipeline.scheduling import partition_key
+from energy_pipeline.storage import connect
+from energy_pipeline_tests.helpers import base_minute, range_tags
+from energy_pipeline_tests.test_alert_evaluate import register
+
+NS = 1_000_000_000
+RULES = (
+    "rules:\n"
+    "  - {id: ev-charger, kind: threshold, metric: power_w_avg, operator: '>', threshold: 11000,"
+    " severity: critical, channels: [log]}\n"
+)
+
+
+def write_minute(influx: InfluxClient, minute: datetime, power: dict[str, float]) -> None:
+    """One point a second for each device (household h1) at a constant power."""
+    start = int(minute.timestamp()) * NS
+    rows = [
+        (start + s * NS, device, "h1", watts, watts / 3600, 230.0)
+        for device, watts in power.items()
+        for s in range(60)
+    ]
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "time": pl.Int64,
+            "device_id": pl.String,
+            "household_id": pl.String,
+            "power_w": pl.Float64,
+            "energy_wh": pl.Float64,
+            "voltage_v": pl.Float64,
+        },
+        orient="row",
+    )
+    influx.write_lines(encode_points(frame))
+
+
+def minute_run(
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    first: datetime,
+    last: datetime | None = None,
+    checks_only: bool = False,
+) -> dg.ExecuteInProcessResult:
+    """What the minute sensor's RunRequest(asset_selection=[device_rollup_1m]) launches: the
+    global asset job subset to that asset (its checks come with it), for one minute or a range;
+    or only the asset's checks."""
+    defs = build_definitions(settings)
+    job = defs.resolve_implicit_global_asset_job_def()
+    if checks_only:
+        graph = defs.resolve_asset_graph()
+        keys = {k for k in graph.asset_check_keys if k.asset_key == MINUTE_ROLLUP}
+        subset = job.get_subset(asset_selection=set(), asset_check_selection=keys)
+        # Without an asset, `partition_key=` finds no partitions to validate against (dagster
+        # 1.13): the partition goes in as the run's tag.
+        return subset.execute_in_process(
+            tags={"dagster/partition": partition_key(first)},
+            instance=instance,
+            raise_on_error=False,
+        )
+    else:
+        subset = job.get_subset(asset_selection={MINUTE_ROLLUP})
+    if last is None or last == first:
+        return subset.execute_in_process(
+            partition_key=partition_key(first), instance=instance, raise_on_error=False
+        )
+    return subset.execute_in_process(
+        tags=range_tags(first, last), instance=instance, raise_on_error=False
+    )
+
+
+def evaluations(result: dg.ExecuteInProcessResult, name: str) -> list[dg.AssetCheckEvaluation]:
+    return [e for e in result.get_asset_check_evaluations() if e.check_name == name]
+
+
+@pytest.fixture
+def fleet(settings: Settings) -> Settings:
+    with connect(settings.pg_dsn) as conn:
+        register(conn, {"charger": "h1", "fridge": "h1"})
+        apply_rules(conn, parse_rules(RULES))
+    return settings
+
+
+def outbox(dsn: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT entity, kind, channel, delivered_at IS NOT NULL, suppressed "
+            "FROM energy.alert_outbox ORDER BY outbox_id"
+        ).fetchall()
+
+
+def test_the_minute_run_evaluates_rules_per_partition_and_delivers(fleet, influx_db):
+    minute = base_minute(20)
+    write_minute(influx_db, minute, {"charger": 11500.0, "fridge": 90.0})
+    instance = dg.DagsterInstance.ephemeral()
+    result = minute_run(fleet, instance, minute)
+    assert result.success
+    materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert materialized == {MINUTE_ROLLUP}  # the minute only: no other asset joined the run
+
+    [rules] = evaluations(result, ALERT_RULES["1m"])
+    assert rules.partition == partition_key(minute) and not rules.passed
+    assert rules.severity == dg.AssetCheckSeverity.WARN
+    meta = {k: v.value for k, v in rules.metadata.items()}
+    assert meta["conditions_true"] == 1 and meta["rules_true"] == {"ev-charger": 1}
+    assert [(f["entity"], f["value"]) for f in meta["firing"]] == [("charger", 11500.0)]
+    assert meta["applied_to_episodes"] is True
+    [contract] = evaluations(result, CONTRACT["1m"])
+    assert contract.passed and contract.partition == partition_key(minute)
+
+    # delivered in the same run by the log channel (fast path)
+    assert outbox(fleet.pg_dsn) == [("charger", "firing", "log", True, None)]
+
+    # the same minute again: evaluated and reported, nothing new notified
+    again = minute_run(fleet, instance, minute)
+    [rerun] = evaluations(again, ALERT_RULES["1m"])
+    assert not rerun.passed and rerun.metadata["applied_to_episodes"].value is False
+    assert outbox(fleet.pg_dsn) == [("charger", "firing", "log", True, None)]
+
+
+def test_a_ranged_run_reports_each_minute_and_notifies_only_open_episodes(fleet, influx_db):
+    first = base_minute(30)
+    draws = [11500.0, 50.0, 50.0, 12000.0]  # an episode over at once, then one still open
+    for i, watts in enumerate(draws):
+        write_minute(influx_db, first + timedelta(minutes=i), {"charger": watts, "fridge": 90.0})
+    last = first + timedelta(minutes=len(draws) - 1)
+    result = minute_run(fleet, dg.DagsterInstance.ephemeral(), first, last)
+    assert result.success
+    found = evaluations(result, ALERT_RULES["1m"])
+    assert [e.partition for e in found] == [
+        partition_key(first + timedelta(minutes=i)) for i in range(len(draws))
+    ]
+    assert [e.passed for e in found] == [False, True, True, False]
+    assert "catch-up of 4 windows" in found[0].metadata["summary"].value
+    assert len(evaluations(result, CONTRACT["1m"])) == len(draws)
+    rows = outbox(fleet.pg_dsn)
+    sent = [r for r in rows if r[4] is None]
+    assert [(r[0], r[1], r[3]) for r in sent] == [("charger", "firing", True)]
+    assert sorted(r[1] for r in rows if r[4] is not None) == ["firing", "resolved"]
+
+
+def test_the_blocking_contract_check_fails_on_a_tampered_row(fleet, influx_db):
+    minute = base_minute(25)
+    write_minute(influx_db, minute, {"charger": 500.0, "fridge": 90.0})
+    instance = dg.DagsterInstance.ephemeral()
+    assert minute_run(fleet, instance, minute).success
+    with psycopg.connect(fleet.pg_dsn) as conn:
+        conn.execute(
+            "UPDATE energy.device_rollup_1m SET power_w_min = power_w_max + 5 "
+            "WHERE device_id = 'fridge' AND bucket = %s",
+            (minute,),
+        )
+    result = minute_run(fleet, instance, minute, checks_only=True)
+    assert not result.success  # a failed blocking check fails its step
+    [contract] = evaluations(result, CONTRACT["1m"])
+    assert not contract.passed and contract.blocking
+    assert contract.metadata["violations"].value == 1
+    assert contract.partition == partition_key(minute)
