@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     from energy_pipeline.retention_cli import add_retention_parser
 
     add_retention_parser(sub)
+    from energy_pipeline.alerts.cli import add_parser as add_alerts_parser
+
+    add_alerts_parser(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -175,3 +176,44 @@ def test_changing_a_condition_drops_pending_streaks(pg_dsn):
         assert conn.execute("SELECT count(*) FROM energy.alert_pending").fetchone() == (1,)
         apply_rules(conn, parse_rules(text % (200, "critical")))
         assert conn.execute("SELECT count(*) FROM energy.alert_pending").fetchone() == (0,)
+
+
+def test_cli_apply_list_test_silence_history(pg_dsn, monkeypatch, capsys, tmp_path):
+    from energy_pipeline.cli import main
+    from energy_pipeline_tests.test_alert_evaluate import a_minute, put_minute, register
+
+    monkeypatch.setenv("ENERGY_PG_DSN", pg_dsn)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - {id: x, kind: threshold, metric: power_w_max, operator: '>'}\n")
+    assert main(["alerts", "apply", str(bad)]) == 2
+    assert "rule 'x': threshold: Field required" in capsys.readouterr().err
+
+    assert main(["alerts", "apply", str(EXAMPLE)]) == 0
+    assert "created: 8" in capsys.readouterr().out
+    assert main(["alerts", "apply", str(EXAMPLE)]) == 0
+    assert "unchanged: 8" in capsys.readouterr().out
+    assert main(["alerts", "list"]) == 0
+    assert "ev-charger-night-draw" in capsys.readouterr().out
+
+    minute = a_minute(15)
+    with connect(pg_dsn) as conn:
+        register(conn, {"dev-0001": "h1"})
+        put_minute(conn, minute, {"dev-0001": 12500.0}, {"dev-0001": "h1"})
+    at = (minute + timedelta(seconds=30)).isoformat()
+    assert main(["alerts", "test", "ev-charger-night-draw", "--at", at]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 1 entities would be true" in out and "dev-0001" in out
+    with connect(pg_dsn) as conn:  # a test sends and records nothing
+        assert conn.execute("SELECT count(*) FROM energy.alert_outbox").fetchone() == (0,)
+    assert main(["alerts", "test", "no-such-rule", "--at", at]) == 2
+
+    assert main(["alerts", "silence", "dev-0001", "--until", "2h", "--reason", "swap"]) == 0
+    assert "entity dev-0001 until" in capsys.readouterr().out
+    assert main(["alerts", "silence", "device-silent", "--until", "30m"]) == 0
+    assert "rule device-silent until" in capsys.readouterr().out
+    with connect(pg_dsn) as conn:
+        assert conn.execute(
+            "SELECT rule_id, entity, reason FROM energy.alert_silences ORDER BY silence_id"
+        ).fetchall() == [(None, "dev-0001", "swap"), ("device-silent", None, None)]
+    assert main(["alerts", "history", "--since", "1h"]) == 0
+    assert "no episodes since" in capsys.readouterr().out

@@ -382,6 +382,14 @@ def enabled_rules(conn: psycopg.Connection, window: str | None = None) -> list[R
     return [Rule(**dict(zip(RULE_FIELDS, row, strict=True))) for row in rows]
 
 
+def find_rule(conn: psycopg.Connection, rule_id: str) -> Rule | None:
+    """The rule `rule_id`, enabled or not."""
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM energy.alert_rules WHERE rule_id = %s", (rule_id,)
+    ).fetchone()
+    return Rule(**dict(zip(RULE_FIELDS, row, strict=True))) if row else None
+
+
 def list_rules(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Every rule (enabled or not) with its count of open episodes, for `alerts list`."""
     cur = conn.execute(
