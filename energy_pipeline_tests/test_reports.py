@@ -1,0 +1,407 @@
+"""Daily household reports against real PostgreSQL: the computation against an independent Python
+calculation (three zones, a DST day, a :45 offset, a gap), tariffs, idempotent re-runs, the kWh
+check, the asset and sensor, and the pure planner."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import polars as pl
+import psycopg
+import pytest
+from psycopg import sql
+
+from energy_pipeline import storage
+from energy_pipeline.devtools.services import LocalPostgres
+from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
+from energy_pipeline.reports import tariffs
+from energy_pipeline.reports.compute import compute_reports, kwh_checks, replace_day
+from energy_pipeline_tests.conftest import TEMPLATE_DB
+from energy_pipeline_tests.helpers import close
+
+MINUTE = timedelta(minutes=1)
+DST_DAY = date(2026, 3, 29)  # Europe/Berlin springs forward: a 23-hour day
+NORMAL_DAY = date(2026, 3, 27)
+FIRST = datetime(2026, 3, 19, tzinfo=UTC)
+LAST = datetime(2026, 3, 30, 13, tzinfo=UTC)
+HOSTILE = '<script>alert("x")</script> & "quotes" \u00e9'
+# device_id: (household, name, zone)
+DEVICES = {
+    "b1": ("hh-berlin", HOSTILE, "Europe/Berlin"),
+    "b2": ("hh-berlin", "Heat pump", "Europe/Berlin"),
+    "b3": ("hh-berlin", "Oven", "Europe/Berlin"),
+    "b4": ("hh-berlin", "Kettle", "Europe/Berlin"),
+    "k1": ("hh-kat", "Water pump", "Asia/Kathmandu"),
+    "k2": ("hh-kat", "Fan", "Asia/Kathmandu"),
+    "n1": ("hh-ny", "Dryer", "America/New_York"),
+}
+ZONES = {h: z for h, _, z in DEVICES.values()}
+# hh-kat sends nothing for 3 hours of its local DST_DAY.
+KAT_GAP = (
+    datetime.combine(DST_DAY, time(4), ZoneInfo("Asia/Kathmandu")).astimezone(UTC),
+    datetime.combine(DST_DAY, time(7), ZoneInfo("Asia/Kathmandu")).astimezone(UTC),
+)
+TARIFF_YAML = """
+tariffs:
+  - id: flat-eur
+    currency: EUR
+    default: true
+    bands: [{start: "00:00", end: "24:00", price_per_kwh: 0.30}]
+  - id: tou-eur
+    currency: EUR
+    bands:
+      - {start: "22:00", end: "07:00", price_per_kwh: 0.18}
+      - {start: "07:00", end: "22:00", price_per_kwh: 0.34}
+  - id: flat-usd
+    currency: USD
+    bands: [{start: "00:00", end: "24:00", price_per_kwh: 0.21}]
+assignments:
+  - {household_id: hh-berlin, tariff: tou-eur, from: 2026-01-01}
+  - {household_id: hh-ny, tariff: flat-usd, from: 2026-03-01}
+  - {household_id: hh-ny, tariff: tou-eur, from: 2026-04-01}
+"""
+PRICES = {
+    "hh-berlin": lambda t: Decimal("0.18") if t < time(7) or t >= time(22) else Decimal("0.34"),
+    "hh-kat": lambda t: Decimal("0.30"),
+    "hh-ny": lambda t: Decimal("0.21"),
+}
+CURRENCY = {"hh-berlin": "EUR", "hh-kat": "EUR", "hh-ny": "USD"}
+
+
+def minute_rows(seed: int = 7) -> list[dict]:
+    """About 60% of each device's minutes, some with every sample rejected."""
+    rng = random.Random(seed)
+    rows = []
+    m = FIRST
+    while m < LAST:
+        for device, (household, _, _) in DEVICES.items():
+            if rng.random() > 0.6 or (household == "hh-kat" and KAT_GAP[0] <= m < KAT_GAP[1]):
+                continue
+            samples = 0 if rng.random() < 0.05 else rng.randint(1, 60)
+            energy = rng.uniform(0, 40) if samples else 0.0
+            power = energy * 60 if samples else None
+            rows.append(
+                {
+                    "device_id": device,
+                    "bucket": m,
+                    "household_id": household,
+                    "sample_count": samples,
+                    "power_w_avg": power,
+                    "power_w_min": power,
+                    "power_w_max": power,
+                    "energy_wh_sum": energy,
+                    "rejected_count": 0 if samples else 3,
+                }
+            )
+        m += MINUTE
+    return rows
+
+
+def load_dataset(conn: psycopg.Connection, rows: list[dict]) -> None:
+    """Devices, minute rows with their ledger, the 5-minute and hourly rollups, and tariffs."""
+    storage.upsert_devices(
+        conn,
+        pl.DataFrame(
+            {
+                "device_id": list(DEVICES),
+                "household_id": [h for h, _, _ in DEVICES.values()],
+                "name": [n for _, n, _ in DEVICES.values()],
+                "timezone": [z for _, _, z in DEVICES.values()],
+            }
+        ),
+    )
+    computed_at = datetime(2026, 3, 30, 14, tzinfo=UTC)
+    frame = pl.DataFrame(rows).with_columns(computed_at=pl.lit(computed_at))
+    minutes = sorted({r["bucket"] for r in rows})
+    ledger = pl.DataFrame({"bucket": minutes}).with_columns(
+        *(pl.lit(0).alias(c) for c in ("points_read", "power_w_points", "energy_wh_points")),
+        *(pl.lit(0).alias(c) for c in ("duplicates_dropped", "rejected", "devices")),
+        computed_at=pl.lit(computed_at),
+    )
+    with conn.transaction(), conn.cursor() as cur:
+        storage.ensure_partitions(cur, "device_rollup_1m", FIRST, LAST)
+        storage.copy_frame(cur, "device_rollup_1m", frame)
+        storage.copy_frame(cur, "rollup_minutes", ledger)
+    for grain in (HOUSEHOLD_5M, DEVICE_1H):
+        replace_windows(conn, grain, FIRST, LAST, computed_at)
+    tariffs.apply(conn, tariffs.parse_yaml(TARIFF_YAML))
+
+
+def local_window(day: date, zone: str) -> tuple[datetime, datetime]:
+    tz = ZoneInfo(zone)
+    start = datetime.combine(day, time(0), tz).astimezone(UTC)
+    end = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(UTC)
+    return start, end
+
+
+def five(ts: datetime) -> datetime:
+    return ts - timedelta(minutes=ts.minute % 5)
+
+
+def expected_report(rows: list[dict], household: str, day: date) -> dict:
+    """The report row of one household and day, in plain Python from the minute rows."""
+    zone = ZONES[household]
+    start, end = local_window(day, zone)
+    mine = [r for r in rows if DEVICES[r["device_id"]][0] == household]
+    today = [r for r in mine if start <= r["bucket"] < end]
+    energy = sum(r["energy_wh_sum"] for r in today) / 1000
+    draw: dict[datetime, float] = defaultdict(float)
+    for r in today:
+        if r["power_w_avg"] is not None:
+            draw[r["bucket"]] += r["power_w_avg"]
+    peak_minute = max(draw, key=lambda m: (draw[m], -m.timestamp())) if draw else None
+    by_device: dict[str, float] = defaultdict(float)
+    for r in today:
+        by_device[r["device_id"]] += r["energy_wh_sum"]
+    top = sorted(by_device.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    history: dict[date, float] = defaultdict(float)
+    h_start = local_window(day - timedelta(days=7), zone)[0]
+    for r in mine:
+        if h_start <= r["bucket"] < start:
+            history[r["bucket"].astimezone(ZoneInfo(zone)).date()] += r["energy_wh_sum"] / 1000
+    avg = sum(history.values()) / len(history) if history else None
+    price = PRICES[household]
+    cost = sum(
+        Decimal(r["energy_wh_sum"])
+        / 1000
+        * price(five(r["bucket"]).astimezone(ZoneInfo(zone)).time())
+        for r in today
+    )
+    all_minutes = {r["bucket"] for r in rows}
+    windows_with_samples = {five(r["bucket"]) for r in today if r["sample_count"] > 0}
+    covered = sum(
+        sum(1 for i in range(5) if w + i * MINUTE in all_minutes) for w in windows_with_samples
+    )
+    return {
+        "timezone": zone,
+        "day_start": start,
+        "energy_kwh": energy,
+        "peak_power_w": draw[peak_minute] if peak_minute else None,
+        "peak_at": five(peak_minute) if peak_minute else None,
+        "top": [(d, e / 1000, e / 1000 / energy) for d, e in top],
+        "trailing_avg_kwh": avg,
+        "change_pct": 100 * (energy - avg) / avg if avg else None,
+        "cost": cost,
+        "currency": CURRENCY[household],
+        "minutes_covered": covered,
+        "minutes_expected": int((end - start) / MINUTE),
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset() -> list[dict]:
+    return minute_rows()
+
+
+@pytest.fixture(scope="module")
+def loaded_template(pg_server: LocalPostgres, dataset: list[dict]) -> Iterator[str]:
+    """A database holding the dataset, copied for each test (loading takes seconds)."""
+    name = f"reports_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    with storage.connect(pg_server.dsn(name)) as c:
+        load_dataset(c, dataset)
+    yield name
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def loaded_dsn(pg_server: LocalPostgres, loaded_template: str) -> Iterator[str]:
+    """A fresh copy of the loaded dataset, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(loaded_template)
+            )
+        )
+    yield pg_server.dsn(name)
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def conn(loaded_dsn: str):
+    with storage.connect(loaded_dsn) as c:
+        yield c
+
+
+def assert_matches(got: dict, want: dict) -> None:
+    assert got["timezone"] == want["timezone"]
+    assert got["day_start"] == want["day_start"]
+    assert close(got["energy_kwh"], want["energy_kwh"])
+    assert close(got["peak_power_w"], want["peak_power_w"])
+    assert got["peak_at"] == want["peak_at"]
+    tz = ZoneInfo(want["timezone"])
+    assert got["peak_local_time"] == want["peak_at"].astimezone(tz).time().replace(tzinfo=None)
+    top = [(d["device_id"], d["energy_kwh"], d["share"]) for d in got["top_devices"]]
+    assert [d for d, _, _ in top] == [d for d, _, _ in want["top"]]
+    for (_, kwh, share), (_, want_kwh, want_share) in zip(top, want["top"], strict=True):
+        assert close(kwh, want_kwh) and close(share, want_share)
+    assert close(got["trailing_avg_kwh"], want["trailing_avg_kwh"])
+    assert close(got["change_pct"], want["change_pct"])
+    assert abs(got["cost"] - want["cost"]) <= Decimal("0.0001")
+    assert got["currency"] == want["currency"]
+    assert got["minutes_covered"] == want["minutes_covered"]
+    assert got["minutes_expected"] == want["minutes_expected"]
+
+
+@pytest.mark.parametrize("day", [NORMAL_DAY, DST_DAY])
+def test_reports_equal_independent_computation(conn, dataset, day):
+    got = {r["household_id"]: r for r in compute_reports(conn, day)}
+    assert sorted(got) == ["hh-berlin", "hh-kat", "hh-ny"]
+    for household, row in got.items():
+        assert_matches(row, expected_report(dataset, household, day))
+
+
+def test_dst_day_gap_and_offset_zone_are_reported_as_such(conn):
+    got = {r["household_id"]: r for r in compute_reports(conn, DST_DAY)}
+    assert got["hh-berlin"]["minutes_expected"] == 1380
+    assert got["hh-ny"]["minutes_expected"] == 1440
+    # Three hours without data in Kathmandu's (+05:45) day: at most 1260 minutes covered.
+    assert got["hh-kat"]["minutes_covered"] <= 1440 - 180
+    assert got["hh-kat"]["day_start"] == datetime(2026, 3, 28, 18, 15, tzinfo=UTC)
+
+
+def test_fall_back_day_has_1500_minutes(conn):
+    (row,) = compute_reports(conn, date(2026, 10, 25), households=["hh-berlin"])
+    assert row["minutes_expected"] == 1500
+    assert row["energy_kwh"] == 0 and row["minutes_covered"] == 0 and row["peak_at"] is None
+
+
+def test_rerun_replaces_the_day_exactly(conn):
+    first = replace_day(conn, DST_DAY, datetime(2026, 3, 31, tzinfo=UTC))
+    before = conn.execute(
+        "SELECT * FROM energy.household_daily_report ORDER BY household_id"
+    ).fetchall()
+    conn.execute(
+        "INSERT INTO energy.household_daily_report (household_id, day, timezone, day_start, "
+        "day_end, energy_kwh, minutes_covered, minutes_expected, generated_at) VALUES "
+        "('hh-gone', %s, 'UTC', now(), now(), 1, 0, 1440, now())",
+        (DST_DAY,),
+    )
+    second = replace_day(conn, DST_DAY, datetime(2026, 3, 31, tzinfo=UTC))
+    after = conn.execute(
+        "SELECT * FROM energy.household_daily_report ORDER BY household_id"
+    ).fetchall()
+    assert first == second and first.households == 3
+    assert before == after
+    (days,) = conn.execute("SELECT count(*) FROM energy.report_days").fetchone()
+    assert days == 1
+
+
+def test_kwh_check_fails_on_a_tampered_five_minute_row(conn):
+    replace_day(conn, DST_DAY, datetime(2026, 3, 31, tzinfo=UTC))
+    assert all(c.passed for c in kwh_checks(conn, DST_DAY))
+    start, _ = local_window(DST_DAY, "Europe/Berlin")
+    conn.execute(
+        "UPDATE energy.household_rollup_5m SET energy_wh_sum = energy_wh_sum + 1 "
+        "WHERE household_id = 'hh-berlin' AND bucket = %s",
+        (start + timedelta(hours=5),),
+    )
+    failed = [c.household_id for c in kwh_checks(conn, DST_DAY) if not c.passed]
+    assert failed == ["hh-berlin"]
+
+
+def test_no_tariff_leaves_cost_unknown_and_band_gap_too(conn):
+    conn.execute("UPDATE energy.tariffs SET is_default = false")
+    got = {r["household_id"]: r for r in compute_reports(conn, DST_DAY)}
+    assert got["hh-kat"]["cost"] is None and got["hh-kat"]["tariff_id"] is None
+    assert got["hh-berlin"]["cost"] is not None
+    # A band removed behind the file's back: the day's cost becomes unknown, not too low.
+    conn.execute(
+        "DELETE FROM energy.tariff_bands WHERE tariff_id = 'tou-eur' AND price_per_kwh = 0.34"
+    )
+    (row,) = compute_reports(conn, DST_DAY, households=["hh-berlin"])
+    assert row["cost"] is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "tariffs: [{id: a, currency: EUR, bands: [{start: '00:00', end: '23:00', "
+            "price_per_kwh: 1}]}]",
+            "end at 23:00",
+        ),
+        (
+            "tariffs: [{id: a, currency: EUR, bands: [{start: '00:00', end: '12:00', "
+            "price_per_kwh: 1}, {start: '11:00', end: '24:00', price_per_kwh: 1}]}]",
+            "overlap",
+        ),
+        (
+            "tariffs: [{id: a, currency: EUR, bands: [{start: '00:00', end: '12:03', "
+            "price_per_kwh: 1}, {start: '12:03', end: '24:00', price_per_kwh: 1}]}]",
+            "5-minute",
+        ),
+        ("tariffs: [{id: a, currency: EURO, bands: []}]", "3-letter"),
+        (
+            "tariffs: [{id: a, currency: EUR, bands: [{start: '00:00', end: '24:00', "
+            "price_per_kwh: -1}]}]",
+            ">= 0",
+        ),
+        (
+            "tariffs: [{id: a, currency: EUR, bands: [{start: '00:00', end: '24:00', "
+            "price_per_kwh: nan}]}]",
+            ">= 0",
+        ),
+        ("assignments: [{household_id: h, tariff: a, from: yesterday}]", "YYYY-MM-DD"),
+        ("- just a list", "mapping"),
+    ],
+)
+def test_tariff_file_errors_are_clear(text, message):
+    with pytest.raises(tariffs.TariffError, match=message):
+        tariffs.parse_yaml(text)
+
+
+def test_tariff_apply_is_idempotent_and_checks_names(conn, tmp_path: Path):
+    def snapshot():
+        return [
+            conn.execute(f"SELECT {cols} FROM energy.{t} ORDER BY 1, 2").fetchall()
+            for t, cols in (
+                ("tariff_bands", "tariff_id, start_time, end_time::text, price_per_kwh"),
+                ("household_tariffs", "household_id, valid_from, tariff_id"),
+            )
+        ] + [
+            conn.execute(
+                "SELECT tariff_id, currency, is_default FROM energy.tariffs ORDER BY 1"
+            ).fetchall()
+        ]
+
+    before = snapshot()
+    tariffs.apply(conn, tariffs.parse_yaml(TARIFF_YAML))
+    assert snapshot() == before
+    bands = conn.execute(
+        "SELECT start_time::text, end_time::text FROM energy.tariff_bands "
+        "WHERE tariff_id = 'tou-eur' ORDER BY start_time"
+    ).fetchall()
+    assert bands == [("00:00:00", "07:00:00"), ("07:00:00", "22:00:00"), ("22:00:00", "24:00:00")]
+    csv_file = tmp_path / "assign.csv"
+    csv_file.write_text("household_id,tariff_id,valid_from\nhh-kat,no-such,2026-01-01\n")
+    with pytest.raises(tariffs.TariffError, match="unknown tariffs: no-such"):
+        tariffs.apply(conn, tariffs.load(csv_file))
+    assert snapshot() == before  # nothing of the failed file was written
+    bands_csv = tmp_path / "bands.csv"
+    bands_csv.write_text(
+        "tariff_id,currency,start,end,price_per_kwh,default\n"
+        "night,GBP,00:00,06:00,0.1,true\nnight,GBP,06:00,24:00,0.2,\n"
+    )
+    tariffs.apply(conn, tariffs.load(bands_csv))
+    defaults = conn.execute("SELECT tariff_id FROM energy.tariffs WHERE is_default").fetchall()
+    assert defaults == [("night",)]
