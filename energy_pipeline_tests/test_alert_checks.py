@@ -174,3 +174,37 @@ def test_the_blocking_contract_check_fails_on_a_tampered_row(fleet, influx_db):
     assert not contract.passed and contract.blocking
     assert contract.metadata["violations"].value == 1
     assert contract.partition == partition_key(minute)
+
+
+def test_five_minute_rules_run_with_the_hierarchy_job(settings):
+    from energy_pipeline.defs.hierarchy.partitions import FIVE_MINUTE_PARTITIONS
+    from energy_pipeline_tests.test_alert_evaluate import put_minute
+
+    households = {"oven": "h1", "lamp": "h2"}
+    window = base_minute(40).replace(minute=base_minute(40).minute // 5 * 5)
+    with connect(settings.pg_dsn) as conn:
+        register(conn, households)
+        apply_rules(
+            conn,
+            parse_rules(
+                "rules:\n  - {id: house-draw, kind: threshold, scope: household, window: 5m,"
+                " metric: power_w_avg, operator: '>', threshold: 2000, channels: [log]}\n"
+            ),
+        )
+        for i in range(5):
+            put_minute(
+                conn, window + timedelta(minutes=i), {"oven": 3000.0, "lamp": 40.0}, households
+            )
+    defs = build_definitions(settings)
+    key = FIVE_MINUTE_PARTITIONS.get_partition_key_for_timestamp(window.timestamp())
+    result = defs.resolve_job_def("household_rollup_5m_job").execute_in_process(
+        partition_key=key, instance=dg.DagsterInstance.ephemeral()
+    )
+    assert result.success
+    [rules] = evaluations(result, ALERT_RULES["5m"])
+    assert rules.partition == key and not rules.passed
+    firing = rules.metadata["firing"].value
+    assert [(f["entity"], f["value"]) for f in firing] == [("h1", 3000.0)]
+    [contract] = evaluations(result, CONTRACT["5m"])
+    assert contract.passed and contract.metadata["rows"].value == 2
+    assert outbox(settings.pg_dsn) == [("h1", "firing", "log", True, None)]
