@@ -207,6 +207,8 @@ def _send_and_record(
 ) -> None:
     failures = note.attempts + 1
     try:
+        if not isinstance(note.payload, dict):
+            raise PermanentError(f"payload is a JSON {type(note.payload).__name__}, not an object")
         channels.get(note.channel).send(note, log)
     except PermanentError as exc:
         _dead_letter(conn, note, failures, str(exc), log, stats)
