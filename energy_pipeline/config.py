@@ -208,7 +208,7 @@ class Settings:
     pg_dsn: str
     dagster_pg_url: str
     raw_retention_days: int = 30
-    settle_seconds: int = 5
+    settle_seconds: int = 3
     lateness_seconds: int = 7200
     late_audit_extra_seconds: int = 3600
     late_recent_seconds: int = 900
@@ -218,7 +218,7 @@ class Settings:
     read_parallelism: int = READ_PARALLELISM
     run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
     webserver_url: str = "http://127.0.0.1:3000"
-    # Retention horizons in days (0: kept forever); see energy_pipeline/retention.py.
+    # Retention horizons in days (0: kept forever); see energy_pipeline/retention/.
     retention_device_rollup_1m_days: int = 35
     retention_household_rollup_5m_days: int = 400
     retention_device_rollup_1h_days: int = 0
@@ -274,7 +274,7 @@ class Settings:
                 env.get("DAGSTER_PG_URL") or dagster_storage_url(f"{local_pg}/dagster"),
             ),
             raw_retention_days=_int(env, "ENERGY_RAW_RETENTION_DAYS", 30, 1),
-            settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 5),
+            settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 3),
             lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),
             late_audit_extra_seconds=_int(env, "ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600),
             late_recent_seconds=_int(env, "ENERGY_LATE_RECENT_SECONDS", 900, 60),

@@ -16,7 +16,7 @@ def test_defaults_point_at_the_local_stack():
     s = Settings.from_env({})
     assert s.influx_url == "http://127.0.0.1:18086"
     assert s.pg_dsn == "postgresql://postgres@127.0.0.1:15432/energy"
-    assert (s.raw_retention_days, s.settle_seconds, s.lateness_seconds) == (30, 5, 7200)
+    assert (s.raw_retention_days, s.settle_seconds, s.lateness_seconds) == (30, 3, 7200)
 
 
 def test_environment_overrides_and_secrets_stay_out_of_repr():
