@@ -395,3 +395,14 @@ def test_failures_never_show_the_slack_url(receiver):
         slow.send(notification())
     for caught in (timed_out, refused):
         assert "xyzSECRET" not in str(caught.value) and caught.value.__cause__ is None
+
+
+def test_definitions_hold_the_delivery_sensor_and_the_channels_resource():
+    from energy_pipeline.definitions import build_definitions
+
+    defs = build_definitions(Settings.from_env(ALERT_ENV))
+    sensor = defs.get_sensor_def("alert_delivery_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.minimum_interval_seconds == 15
+    assert not sensor.targets  # it delivers in the tick and launches no runs
+    assert isinstance(defs.resources["alert_channels"], AlertChannelsResource)
