@@ -363,7 +363,7 @@ def test_quarantine_is_removed_in_batches(filled, pg_dsn):
         "SELECT count(*) FROM energy.quarantine WHERE bucket < %s", (cut,)
     ).fetchone()
     removed = retention.delete_in_batches(
-        conn, "quarantine", retention.sql.SQL("bucket < %s"), (cut,), dry_run=False, batch_rows=7
+        conn, "quarantine", sql.SQL("bucket < %s"), (cut,), dry_run=False, batch_rows=7
     )
     assert expected is not None and removed == expected[0] > 7
     left = conn.execute("SELECT count(*) FROM energy.quarantine WHERE bucket < %s", (cut,))

@@ -1,298 +1,45 @@
-"""Retention of the `energy` schema: which data is past its horizon, and removing it.
-
-Day-partitioned tables lose whole day partitions (DETACH CONCURRENTLY, then DROP, with their ledger
-rows in the same transaction as the DROP); smaller tables lose rows in batches. Nothing newer than
-the lateness window is ever removed, whatever the horizon says. No Dagster here.
-"""
+"""Retention in PostgreSQL: dropping expired day partitions with their ledger rows, batched
+deletes of old rows, and the whole run (`run_retention`)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Protocol
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
-from energy_pipeline.config import ConfigError
-from energy_pipeline.storage import StorageError, create_partitions
+from energy_pipeline.retention.catalog import (
+    DayPartition,
+    check_owner,
+    columns,
+    day_partitions,
+    relation_bytes,
+    table_exists,
+)
+from energy_pipeline.retention.plan import (
+    DAY,
+    PARTITIONED_TABLES,
+    Horizon,
+    RetentionError,
+    RetentionReport,
+    cutoff,
+    day_start,
+    expired_days,
+    horizons,
+)
+from energy_pipeline.storage import create_partitions
 
 if TYPE_CHECKING:
     from energy_pipeline.config import Settings
 
-DAY = timedelta(days=1)
-PARTITIONED_TABLES = ("device_rollup_1m", "household_rollup_5m", "device_rollup_1h")
 # Day partitions kept created ahead of today by every retention run.
 PARTITION_DAYS_AHEAD = 7
 # A DDL or DELETE waits this long for a lock before giving up with a RetentionError: a reader's
 # long transaction makes retention fail (and run again next time) instead of queueing readers.
 LOCK_TIMEOUT_MS = 5000
 DELETE_BATCH_ROWS = 10_000
-_PARTITION_NAME = re.compile(r"^(?P<table>[a-z0-9_]+)_p(?P<day>\d{8})$")
-
-
-class RetentionError(StorageError):
-    """Retention could not finish; what it removed until then stays removed and consistent."""
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """How long one table keeps its data: `days` (0 keeps it forever), from the setting `env`."""
-
-    table: str
-    days: int
-    env: str
-    # Bounded by the minute partition window as well as by the lateness window.
-    covers_minute_window: bool = False
-
-
-class HorizonSettings(Protocol):
-    """The horizon fields of `config.Settings` (and of the retention job's settings resource)."""
-
-    @property
-    def retention_device_rollup_1m_days(self) -> int: ...
-    @property
-    def retention_household_rollup_5m_days(self) -> int: ...
-    @property
-    def retention_device_rollup_1h_days(self) -> int: ...
-    @property
-    def retention_daily_report_days(self) -> int: ...
-    @property
-    def retention_quarantine_days(self) -> int: ...
-    @property
-    def retention_alerts_days(self) -> int: ...
-
-
-def horizons(settings: HorizonSettings) -> tuple[Horizon, ...]:
-    """Every table's horizon, from the settings."""
-    s = settings
-    return (
-        Horizon(
-            "device_rollup_1m",
-            s.retention_device_rollup_1m_days,
-            "ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS",
-            True,
-        ),
-        Horizon(
-            "household_rollup_5m",
-            s.retention_household_rollup_5m_days,
-            "ENERGY_RETENTION_HOUSEHOLD_ROLLUP_5M_DAYS",
-            True,
-        ),
-        Horizon(
-            "device_rollup_1h",
-            s.retention_device_rollup_1h_days,
-            "ENERGY_RETENTION_DEVICE_ROLLUP_1H_DAYS",
-            True,
-        ),
-        Horizon(
-            "household_daily_report",
-            s.retention_daily_report_days,
-            "ENERGY_RETENTION_DAILY_REPORT_DAYS",
-        ),
-        Horizon("quarantine", s.retention_quarantine_days, "ENERGY_RETENTION_QUARANTINE_DAYS"),
-        Horizon("alerts", s.retention_alerts_days, "ENERGY_RETENTION_ALERTS_DAYS"),
-    )
-
-
-def minute_window_days(raw_retention_days: int) -> int:
-    """Days the oldest minute partition can reach back: it starts at the UTC midnight
-    `raw_retention_days` before now (scheduling.partitions_start), so up to one more day."""
-    return raw_retention_days + 1
-
-
-def validate_horizons(settings: Settings) -> None:
-    """Refuse horizons that would remove data the pipeline may still recompute.
-
-    Every horizon (and the raw-data retention) must be longer than the lateness window; the rollup
-    tables' horizons must also cover the minute partition window, so no existing minute partition
-    loses its rows.
-    """
-    lateness = timedelta(seconds=settings.lateness_seconds)
-    if timedelta(days=settings.raw_retention_days) <= lateness:
-        raise ConfigError(
-            f"ENERGY_RAW_RETENTION_DAYS ({settings.raw_retention_days}) must be longer than the "
-            f"lateness window (ENERGY_LATENESS_SECONDS={settings.lateness_seconds})"
-        )
-    window = minute_window_days(settings.raw_retention_days)
-    for h in horizons(settings):
-        if h.days == 0:
-            continue
-        if timedelta(days=h.days) <= lateness:
-            raise ConfigError(
-                f"{h.env} ({h.days} days) must be longer than the lateness window "
-                f"(ENERGY_LATENESS_SECONDS={settings.lateness_seconds}), or 0 to keep forever"
-            )
-        if h.covers_minute_window and h.days < window:
-            raise ConfigError(
-                f"{h.env} ({h.days} days) must be at least the minute partition window "
-                f"({window} days: ENERGY_RAW_RETENTION_DAYS + 1), or 0 to keep forever"
-            )
-
-
-# --- Planning (pure) ----------------------------------------------------------------------------
-
-
-def cutoff(now: datetime, days: int, lateness: timedelta) -> datetime | None:
-    """Data older than this goes (None: kept forever); never later than now - lateness."""
-    if days == 0:
-        return None
-    return min(now - timedelta(days=days), now - lateness)
-
-
-def day_start(day: date) -> datetime:
-    return datetime.combine(day, time(), UTC)
-
-
-def expired_days(days: Iterable[date], cut: datetime | None) -> list[date]:
-    """Day partitions lying wholly before `cut`, oldest first."""
-    if cut is None:
-        return []
-    return sorted(d for d in set(days) if day_start(d) + DAY <= cut)
-
-
-@dataclass
-class TableReport:
-    """What retention removed (or, dry, would remove) from one table."""
-
-    table: str
-    partitions_dropped: list[date] = field(default_factory=list)
-    rows_removed: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    cutoff: datetime | None = None
-    note: str = ""
-
-    @property
-    def bytes_freed(self) -> int:
-        return max(self.bytes_before - self.bytes_after, 0)
-
-
-@dataclass
-class RetentionReport:
-    """One retention run, table by table."""
-
-    now: datetime
-    dry_run: bool
-    tables: dict[str, TableReport] = field(default_factory=dict)
-    partitions_created: int = 0
-
-    def table(self, name: str, cut: datetime | None = None) -> TableReport:
-        return self.tables.setdefault(name, TableReport(name, cutoff=cut))
-
-    @property
-    def partitions_dropped(self) -> int:
-        return sum(len(t.partitions_dropped) for t in self.tables.values())
-
-    @property
-    def rows_removed(self) -> int:
-        return sum(t.rows_removed for t in self.tables.values())
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(t.bytes_freed for t in self.tables.values())
-
-
-def format_report(report: RetentionReport) -> str:
-    """The report as a fixed-width table, as the command line prints it."""
-    verb = "would remove" if report.dry_run else "removed"
-    mode = "dry run: nothing changed" if report.dry_run else "applied"
-    lines = [
-        f"retention at {report.now:%Y-%m-%d %H:%M:%S} UTC ({mode})",
-        f"{'table':<24} {'cutoff':<17} {'partitions':>10} {'rows':>10} {'MB before':>10} "
-        f"{'MB after':>10}  note",
-    ]
-    for t in report.tables.values():
-        cut = f"{t.cutoff:%Y-%m-%d %H:%M}" if t.cutoff else "kept forever"
-        lines.append(
-            f"{t.table:<24} {cut:<17} {len(t.partitions_dropped):>10} {t.rows_removed:>10} "
-            f"{t.bytes_before / 1e6:>10.2f} {t.bytes_after / 1e6:>10.2f}  {t.note}".rstrip()
-        )
-    lines.append(
-        f"{verb}: {report.partitions_dropped} partitions, {report.rows_removed} rows, "
-        f"{report.bytes_freed / 1e6:.2f} MB; partitions created ahead: {report.partitions_created}"
-    )
-    return "\n".join(lines)
-
-
-# --- Catalog ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DayPartition:
-    """A table named `<parent>_pYYYYMMDD`: attached, half-detached, or left detached."""
-
-    parent: str
-    day: date
-    attached: bool
-    detach_pending: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.parent}_p{self.day:%Y%m%d}"
-
-
-_DAY_PARTITIONS = """
-SELECT c.relname, i.inhrelid IS NOT NULL, coalesce(i.inhdetachpending, false)
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
-WHERE n.nspname = 'energy' AND c.relkind = 'r' AND c.relname ~ %s
-"""
-
-
-def day_partitions(conn: psycopg.Connection, table: str) -> list[DayPartition]:
-    """Every day table of `energy.<table>`, detached leftovers of an interrupted run included."""
-    rows = conn.execute(_DAY_PARTITIONS, (f"^{table}_p[0-9]{{8}}$",)).fetchall()
-    out = []
-    for name, attached, pending in rows:
-        m = _PARTITION_NAME.match(name)
-        if m:
-            day = datetime.strptime(m["day"], "%Y%m%d").date()
-            out.append(DayPartition(table, day, attached, pending))
-    return sorted(out, key=lambda p: p.day)
-
-
-def relation_bytes(conn: psycopg.Connection, names: Sequence[str]) -> int:
-    """pg_total_relation_size summed over `energy.<name>` (absent ones count 0)."""
-    row = conn.execute(
-        "SELECT coalesce(sum(pg_total_relation_size(to_regclass('energy.' || quote_ident(n)))),"
-        " 0)::bigint FROM unnest(%s::text[]) AS n",
-        (list(names),),
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-def table_exists(conn: psycopg.Connection, table: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"energy.{table}",)).fetchone()
-    return bool(row and row[0])
-
-
-def columns(conn: psycopg.Connection, table: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns "
-        "WHERE table_schema = 'energy' AND table_name = %s",
-        (table,),
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _check_owner(conn: psycopg.Connection, table: str) -> None:
-    row = conn.execute(
-        "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class "
-        "WHERE oid = %s::regclass",
-        (f"energy.{table}",),
-    ).fetchone()
-    if not (row and row[0]):
-        raise RetentionError(
-            f"dropping partitions of energy.{table} needs its owner's rights: connect as a "
-            "login that is a member of energy_owner (see docs/retention.md)"
-        )
-
-
-# --- Executing ----------------------------------------------------------------------------------
 
 
 def _ident(*parts: str) -> sql.Identifier:
@@ -394,7 +141,7 @@ def _partitioned_table(
         t.partitions_dropped = [p.day for p in doomed]
         t.bytes_after = t.bytes_before - relation_bytes(conn, [p.name for p in doomed])
         return
-    _check_owner(conn, h.table)
+    check_owner(conn, h.table)
     for p in doomed:
         rows, removed = drop_day_partition(conn, p, lock_timeout_ms)
         t.rows_removed += rows
