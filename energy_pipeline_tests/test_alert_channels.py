@@ -8,6 +8,7 @@ import logging
 import smtplib
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import dagster as dg
 import pytest
@@ -184,7 +185,7 @@ def test_slack_payload_has_text_and_blocks(receiver):
         "*Severity*": "critical",
         "*Entity*": "device `ev-charger-17`",
         "*Value*": "power_w_avg = 11250.0",
-        "*Condition*": "> 11000.0",
+        "*Condition*": "&gt; 11000.0",  # Slack shows escaped mrkdwn as written
     }
     button = message["blocks"][4]["elements"][0]
     assert button["type"] == "button" and button["url"] == PAYLOAD["runbook_url"]
@@ -203,10 +204,22 @@ def test_slack_resolved_message_looks_different():
     assert "resolved 2026-11-28T03:20:00+00:00" in message["blocks"][3]["elements"][0]["text"]
 
 
+def test_slack_keeps_hostile_ids_as_text():
+    hostile = "<!channel> & <https://evil.example|click>"
+    note = replace(notification(summary=None, entity=hostile), entity=hostile)
+    message = slack_message(note)
+    shown = json.dumps(message)
+    assert "<!channel>" not in shown and "<https://evil" not in shown
+    assert "&lt;!channel&gt; &amp; &lt;https://evil.example|click&gt;" in message["text"]
+    assert message["blocks"][2]["fields"][1]["text"].endswith(
+        "`&lt;!channel&gt; &amp; &lt;https://evil.example|click&gt;`"
+    )
+
+
 def test_slack_shows_an_anomaly_as_z_score_and_baseline():
     anomaly = notification(k=3.0, z=-4.23, baseline_mean=420.5, baseline_std=12.0, baseline_n=7)
     fields = slack_message(anomaly)["blocks"][2]["fields"]
-    expected = "|z| 4.2 >= 3.0 (baseline mean 420.5, std 12.0, n 7)"
+    expected = "|z| 4.2 &gt;= 3.0 (baseline mean 420.5, std 12.0, n 7)"
     assert fields[3]["text"] == f"*Condition*\n{expected}"
 
 

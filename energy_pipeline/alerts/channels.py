@@ -199,18 +199,26 @@ _SLACK_HEADER = {
 }
 
 
+def slack_escape(text: str) -> str:
+    """Text safe in Slack mrkdwn: `<!channel>`, `<@user>` or links in a device id stay text."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _mrkdwn_field(label: str, value: str) -> dict[str, str]:
-    return {"type": "mrkdwn", "text": f"*{label}*\n{value or 'n/a'}"}
+    return {"type": "mrkdwn", "text": f"*{label}*\n{slack_escape(value) or 'n/a'}"}
 
 
 def slack_message(note: Notification) -> dict[str, Any]:
     """An incoming-webhook message: `text` for notifications and old clients, `blocks` to show."""
     payload = note.payload
     header = f"{_SLACK_HEADER.get(note.kind, note.kind)}: {rule_name(note)}"[:150]
-    entity = f"{_field(payload, 'entity_type', default='entity')} `{note.entity}`"
+    text = slack_escape(summary_text(note))
+    entity_type = slack_escape(_field(payload, "entity_type", default="entity"))
+    code = slack_escape(note.entity.replace("`", "'"))  # a backtick would end the code span
+    entity = f"{entity_type} `{code}`"
     fields = [
         _mrkdwn_field("Severity", _field(payload, "severity", default="info")),
-        _mrkdwn_field("Entity", entity),
+        {"type": "mrkdwn", "text": f"*Entity*\n{entity}"},  # escaped above, code span kept
         _mrkdwn_field(
             "Value", f"{_field(payload, 'metric')} = {_field(payload, 'value', default='?')}"
         ),
@@ -220,14 +228,14 @@ def slack_message(note: Notification) -> dict[str, Any]:
     times += f" · started {_field(payload, 'started_at', default='?')}"
     if note.kind == "resolved":
         # A resolution reads as good news: the end time instead of the window, no call to act.
-        fields[2] = _mrkdwn_field("Last value", fields[2]["text"].split("\n", 1)[1])
+        fields[2] = {"type": "mrkdwn", "text": fields[2]["text"].replace("*Value*", "*Last value*")}
         times = f"Started {_field(payload, 'started_at', default='?')} · resolved "
         times += _field(payload, "resolved_at", default="?")
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": header, "emoji": True}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": summary_text(note)[:3000]}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}},
         {"type": "section", "fields": fields},
-        {"type": "context", "elements": [{"type": "mrkdwn", "text": times}]},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(times)}]},
     ]
     runbook = _field(payload, "runbook_url")
     if runbook.startswith(("http://", "https://")) and note.kind != "resolved":
@@ -238,7 +246,7 @@ def slack_message(note: Notification) -> dict[str, Any]:
                 "elements": [{"type": "button", "text": button, "url": runbook[:3000]}],
             }
         )
-    return {"text": summary_text(note), "blocks": blocks}
+    return {"text": text, "blocks": blocks}
 
 
 @dataclass(frozen=True)
