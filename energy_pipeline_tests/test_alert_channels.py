@@ -261,6 +261,20 @@ def test_email_arrives_through_starttls_with_auth_and_a_stable_message_id(smtp):
     assert other != expected_id
 
 
+def test_line_breaks_in_a_device_id_add_no_header_or_log_line(smtp, caplog):
+    hostile = "dev-1\r\nBcc: everyone@example.org\nX-Evil: 1"
+    note = replace(notification(summary=None, entity=hostile), entity=hostile)
+    email_channel(smtp).send(note)
+    (mail,) = smtp.mails
+    assert mail.message["Bcc"] is None and mail.message["X-Evil"] is None
+    assert mail.recipients == ["oncall@example.org", "owner@example.org"]
+    assert "dev-1 Bcc: everyone@example.org X-Evil: 1" in mail.message["Subject"]
+    with caplog.at_level(logging.INFO, logger="energy_pipeline.alerts"):
+        LogChannel().send(note)
+    (record,) = [r for r in caplog.records if r.name == "energy_pipeline.alerts"]
+    assert "\n" not in record.getMessage() and "\r" not in record.getMessage()
+
+
 def test_email_wrong_password_is_permanent(smtp):
     with pytest.raises(PermanentError, match="SMTP 535"):
         email_channel(smtp, password="wrong").send(notification())

@@ -112,6 +112,11 @@ def summary_text(note: Notification) -> str:
     return _field(payload, "summary", default=default)
 
 
+def one_line(text: str) -> str:
+    """`text` without line breaks: a device id cannot add a header to an email or a log line."""
+    return " ".join(text.splitlines())
+
+
 # --- webhook -------------------------------------------------------------------------------------
 
 
@@ -287,12 +292,12 @@ def _html(note: Notification) -> str:
 def email_message(note: Notification, sender: str, recipients: tuple[str, ...]) -> EmailMessage:
     """Plain text with an HTML alternative; the Message-ID comes from the idempotency key."""
     msg = EmailMessage()
-    msg["Subject"] = summary_text(note)[:200]
+    msg["Subject"] = one_line(summary_text(note))[:200]
     msg["From"] = sender
     msg["To"] = ", ".join(recipients)
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = message_id(note.idempotency_key, sender)
-    msg["X-Energy-Idempotency-Key"] = note.idempotency_key
+    msg["X-Energy-Idempotency-Key"] = one_line(note.idempotency_key)
     lines = [summary_text(note), ""]
     lines += [f"{k}: {v}" for k, v in sorted(note.payload.items()) if v is not None]
     msg.set_content("\n".join(lines) + "\n")
@@ -357,12 +362,11 @@ class LogChannel:
             "payload": notification.payload,
         }
         line = json.dumps(record, sort_keys=True, default=str)
+        summary = one_line(summary_text(notification))
         resolved = notification.kind == "resolved"
-        self.logger.log(
-            logging.INFO if resolved else logging.WARNING, "%s %s", summary_text(notification), line
-        )
+        self.logger.log(logging.INFO if resolved else logging.WARNING, "%s %s", summary, line)
         if log is not None:
-            (log.info if resolved else log.warning)(f"{summary_text(notification)} {line}")
+            (log.info if resolved else log.warning)(f"{summary} {line}")
 
 
 # --- the set of channels -------------------------------------------------------------------------
