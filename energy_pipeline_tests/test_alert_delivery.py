@@ -396,7 +396,7 @@ def test_a_slow_channel_holds_only_the_row_it_sends(pg_dsn, conn, receiver):
 # --- the retry sensor -----------------------------------------------------------------------------
 
 
-def test_retry_sensor_delivers_due_rows_and_reports_counts(pg_dsn, conn, receiver):
+def test_retry_sensor_delivers_due_rows_and_reports_counts(pg_dsn, conn, receiver, caplog):
     ids = add_outbox(conn, 3, due=datetime.now(UTC) - timedelta(seconds=30))
     add_outbox(conn, 1, due=datetime.now(UTC) + timedelta(hours=1), first=3)
     resources = {
@@ -414,11 +414,16 @@ def test_retry_sensor_delivers_due_rows_and_reports_counts(pg_dsn, conn, receive
 
         receiver.stop()
         add_outbox(conn, 1, due=datetime.now(UTC) - timedelta(seconds=1), first=4)
+        (unset,) = add_outbox(conn, 1, "slack", due=datetime.now(UTC), first=5)
         context = dg.build_sensor_context(
             instance=instance, resources=resources, cursor=result.cursor
         )
-        again = alert_delivery_sensor(context)
-        assert json.loads(again.cursor or "") == {"dead_lettered": 0, "delivered": 3, "retried": 1}
+        with caplog.at_level(logging.ERROR):
+            again = alert_delivery_sensor(context)
+        assert json.loads(again.cursor or "") == {"dead_lettered": 1, "delivered": 3, "retried": 1}
+        assert again.skip_reason is not None
+        assert "0 delivered, 1 to retry, 1 dead-lettered" in again.skip_reason.skip_message
+        assert any(f"outbox_id={unset}" in r.getMessage() for r in caplog.records)
 
     rows = outbox(conn)
     assert all(rows[i]["delivered_at"] is not None for i in ids)
