@@ -69,8 +69,9 @@ def _run(dsn: str, action: str, revision: str) -> None:
 def upgrade(dsn: str, revision: str = "heads") -> None:
     """Bring the database at `dsn` to `revision` (idempotent; safe to run concurrently).
 
-    Domains after the rollup hierarchy (alerts, reports, retention) each branch from 0005, so the
-    newest schema is every head. There, also makes sure the day partitions around today exist.
+    "heads" rather than "head": a revision written on a branch of its own (as 0006-0009 were,
+    merged by 0010) is applied as well. At the newest revision, also makes sure the day
+    partitions around today exist.
     """
     _run(dsn, "upgrade", revision)
     if revision in ("head", "heads"):
