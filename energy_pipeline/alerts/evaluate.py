@@ -222,8 +222,10 @@ def rules_frame(rules: Sequence[Rule]) -> pl.DataFrame:
     )
 
 
-def _pairs(values: pl.LazyFrame, rules: pl.DataFrame) -> pl.LazyFrame:
-    """Every (rule, entity) the rules cover and the window has a value for."""
+def _pairs(values: pl.LazyFrame, rules: pl.DataFrame, extra: Sequence[str] = ()) -> pl.LazyFrame:
+    """Every (rule, entity) the rules cover and the window has a value for; `extra` columns of
+    the values must match the rule's too."""
+    keys = ["entity_type", "metric", *extra]
     everyone = rules.filter(pl.col("entity_ids").is_null()).drop("entity_ids").lazy()
     named = (
         rules.filter(pl.col("entity_ids").is_not_null())
@@ -231,17 +233,13 @@ def _pairs(values: pl.LazyFrame, rules: pl.DataFrame) -> pl.LazyFrame:
         .rename({"entity_ids": "entity"})
         .lazy()
     )
+    columns = values.collect_schema().names() + [
+        c for c in everyone.collect_schema().names() if c not in keys
+    ]
     return pl.concat(
         [
-            values.join(everyone, on=["entity_type", "metric"]),
-            values.join(named, on=["entity_type", "metric", "entity"]).select(
-                values.collect_schema().names()
-                + [
-                    c
-                    for c in everyone.collect_schema().names()
-                    if c not in ("entity_type", "metric")
-                ]
-            ),
+            values.join(everyone, on=keys).select(columns),
+            values.join(named, on=[*keys, "entity"]).select(columns),
         ]
     )
 
@@ -260,7 +258,17 @@ def _thresholds(pairs: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def _anomalies(pairs: pl.LazyFrame, baselines: pl.DataFrame) -> pl.LazyFrame:
+def _anomalies(values: pl.LazyFrame, rules: pl.DataFrame, baselines: pl.DataFrame) -> pl.LazyFrame:
+    # Baselines join the window's values per entity first (thousands of rows), and the rules
+    # join the result on (scope, metric, days), not the other way round (rules × entities).
+    valued = values.join(
+        baselines.lazy().rename(
+            {"mean": "baseline_mean", "std": "baseline_std", "n": "baseline_n"}
+        ),
+        on=["entity_type", "entity"],
+        how="left",
+    ).with_columns(pl.col("baseline_n").cast(pl.Int64), pl.col("days").cast(pl.Int64))
+    pairs = _pairs(valued, rules, extra=["days"])
     # The spread never goes below an absolute or a relative floor: a flat device's zero
     # variance cannot divide by zero, and noise around a small mean cannot pass k.
     spread = pl.max_horizontal(
@@ -269,23 +277,13 @@ def _anomalies(pairs: pl.LazyFrame, baselines: pl.DataFrame) -> pl.LazyFrame:
         pl.col("floor_ratio") * pl.col("baseline_mean").abs(),
     )
     z = (pl.col("value") - pl.col("baseline_mean")) / spread
-    return (
-        pairs.join(
-            baselines.lazy().rename(
-                {"mean": "baseline_mean", "std": "baseline_std", "n": "baseline_n"}
-            ),
-            on=["entity_type", "entity", "days"],
-            how="left",
+    return pairs.with_columns(z.alias("z")).with_columns(
+        (
+            (pl.col("baseline_n") >= pl.col("min_history"))
+            & (pl.col("z").abs() >= pl.col("threshold"))
         )
-        .with_columns(z.alias("z"), pl.col("baseline_n").cast(pl.Int64))
-        .with_columns(
-            (
-                (pl.col("baseline_n") >= pl.col("min_history"))
-                & (pl.col("z").abs() >= pl.col("threshold"))
-            )
-            .fill_null(False)
-            .alias("breached")
-        )
+        .fill_null(False)
+        .alias("breached")
     )
 
 
@@ -300,7 +298,7 @@ def evaluate(
     return pl.concat(
         [
             _thresholds(_pairs(lazy, rules.filter(~is_anomaly))).select(RESULT_COLUMNS),
-            _anomalies(_pairs(lazy, rules.filter(is_anomaly)), baselines).select(RESULT_COLUMNS),
+            _anomalies(lazy, rules.filter(is_anomaly), baselines).select(RESULT_COLUMNS),
         ]
     ).collect()
 
@@ -344,6 +342,43 @@ def read_values(conn: psycopg.Connection, grain: str, start: datetime) -> pl.Dat
     return minute_values(minute, registered, lag[0] if lag else None)
 
 
+# Hours of cached baselines kept: the current one and a margin for late or repeated windows.
+BASELINE_CACHE_HOURS = 26
+
+
+def _cache_baselines(conn: psycopg.Connection, scope: str, days: int, hour: datetime) -> None:
+    """Compute the hour's baselines of `scope` once (the first evaluation of the hour does)."""
+    key = {"hour": hour, "scope": scope, "days": days}
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('energy.alert_baselines:' || %(scope)s "
+            "|| %(days)s::text || %(hour)s::text))",
+            key,
+        )
+        done = conn.execute(
+            "SELECT 1 FROM energy.alert_baseline_hours "
+            "WHERE hour = %(hour)s AND scope = %(scope)s AND days = %(days)s",
+            key,
+        ).fetchone()
+        if done:
+            return
+        hours = [hour - timedelta(days=d) for d in range(1, days + 1)]
+        cur = conn.execute(
+            "INSERT INTO energy.alert_baselines (hour, scope, days, entity, mean, std, n) "
+            f"SELECT %(hour)s, %(scope)s, %(days)s, entity, mean, std, n "
+            f"FROM ({_BASELINE[scope]}) b(entity_type, entity, mean, std, n)",
+            {**key, "hours": hours},
+        )
+        conn.execute(
+            "INSERT INTO energy.alert_baseline_hours (hour, scope, days, entities) "
+            "VALUES (%(hour)s, %(scope)s, %(days)s, %(entities)s)",
+            {**key, "entities": cur.rowcount},
+        )
+        old = {"before": hour - timedelta(hours=BASELINE_CACHE_HOURS)}
+        conn.execute("DELETE FROM energy.alert_baselines WHERE hour < %(before)s", old)
+        conn.execute("DELETE FROM energy.alert_baseline_hours WHERE hour < %(before)s", old)
+
+
 def read_baselines(
     conn: psycopg.Connection, rules: Sequence[Rule], start: datetime
 ) -> pl.DataFrame:
@@ -354,8 +389,14 @@ def read_baselines(
     )
     frames = []
     for scope, days in wanted:
-        hours = [hour - timedelta(days=d) for d in range(1, days + 1)]
-        frame = _frame(conn, _BASELINE[scope], {"hours": hours}, BASELINE_SCHEMA)
+        _cache_baselines(conn, scope, days, hour)
+        frame = _frame(
+            conn,
+            "SELECT scope, entity, mean, std, n FROM energy.alert_baselines "
+            "WHERE hour = %(hour)s AND scope = %(scope)s AND days = %(days)s",
+            {"hour": hour, "scope": scope, "days": days},
+            BASELINE_SCHEMA,
+        )
         frames.append(frame.with_columns(pl.lit(days, dtype=pl.Int64).alias("days")))
     if not frames:
         return pl.DataFrame(schema={**BASELINE_SCHEMA, "days": pl.Int64})

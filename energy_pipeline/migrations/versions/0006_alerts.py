@@ -81,6 +81,27 @@ CREATE TABLE energy.alert_evaluations (
     evaluated_at timestamptz NOT NULL
 );
 
+-- Anomaly baselines per UTC hour, computed by the first evaluation of the hour and read by the
+-- others (the previous days' hourly rows do not change within the hour).
+CREATE TABLE energy.alert_baseline_hours (
+    hour        timestamptz NOT NULL,
+    scope       text NOT NULL,
+    days        integer NOT NULL,
+    entities    integer NOT NULL,
+    computed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (hour, scope, days)
+);
+CREATE TABLE energy.alert_baselines (
+    hour    timestamptz NOT NULL,
+    scope   text NOT NULL,
+    days    integer NOT NULL,
+    entity  text NOT NULL,
+    mean    double precision,
+    std     double precision,
+    n       integer NOT NULL,
+    PRIMARY KEY (hour, scope, days, entity)
+);
+
 CREATE TABLE energy.alert_silences (
     silence_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     rule_id     text,
@@ -115,7 +136,8 @@ CREATE INDEX alert_outbox_alert_idx ON energy.alert_outbox (alert_id);
 
 GRANT SELECT ON energy.alert_rules, energy.alerts, energy.alert_outbox, energy.alert_silences
     TO bi_reader;
-REVOKE SELECT ON energy.alert_pending, energy.alert_evaluations FROM bi_reader;
+REVOKE SELECT ON energy.alert_pending, energy.alert_evaluations, energy.alert_baselines,
+    energy.alert_baseline_hours FROM bi_reader;
 
 RESET ROLE;
 """
@@ -123,6 +145,8 @@ RESET ROLE;
 DOWNGRADE = """
 DROP TABLE IF EXISTS energy.alert_outbox;
 DROP TABLE IF EXISTS energy.alert_silences;
+DROP TABLE IF EXISTS energy.alert_baselines;
+DROP TABLE IF EXISTS energy.alert_baseline_hours;
 DROP TABLE IF EXISTS energy.alert_evaluations;
 DROP TABLE IF EXISTS energy.alert_pending;
 DROP TABLE IF EXISTS energy.alerts;
