@@ -208,3 +208,29 @@ def test_five_minute_rules_run_with_the_hierarchy_job(settings):
     [contract] = evaluations(result, CONTRACT["5m"])
     assert contract.passed and contract.metadata["rows"].value == 2
     assert outbox(settings.pg_dsn) == [("h1", "firing", "log", True, None)]
+
+
+def test_the_contract_names_schema_drift_and_impossible_rows(pg_dsn):
+    from energy_pipeline.alerts.contracts import check_contract
+    from energy_pipeline_tests.test_alert_evaluate import put_minute
+
+    minute = base_minute(10)
+    step = timedelta(minutes=1)
+    with connect(pg_dsn) as conn:
+        put_minute(conn, minute, {"a": 10.0, "b": 20.0}, {"a": "h1", "b": "h1"})
+        [ok] = check_contract(conn, "device_rollup_1m", [minute], step)
+        assert ok.passed and ok.rows == 2
+        conn.execute(
+            "UPDATE energy.device_rollup_1m SET power_w_avg = power_w_max * 2 WHERE device_id = 'b'"
+        )
+        [bad] = check_contract(conn, "device_rollup_1m", [minute], step)
+        assert (bad.passed, bad.violations, bad.examples) == (False, 1, ["b"])
+        conn.execute("DROP VIEW energy.bi_device_minute")  # it reads the columns changed
+        conn.execute("ALTER TABLE energy.device_rollup_1m DROP COLUMN voltage_v_max")
+        conn.execute("ALTER TABLE energy.device_rollup_1m ALTER COLUMN power_w_max TYPE real")
+        [drift] = check_contract(conn, "device_rollup_1m", [minute], step)
+    assert not drift.passed
+    assert drift.schema_problems == [
+        "column power_w_max is real, expected double precision",
+        "column voltage_v_max is missing",
+    ]

@@ -8,6 +8,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pytest
 
 from energy_pipeline.alerts.evaluate import evaluate_window
 from energy_pipeline.alerts.lifecycle import (
@@ -237,3 +238,28 @@ def test_disabling_a_rule_closes_its_open_episodes_quietly(pg_dsn):
         assert result.disabled == ["hot"]
         assert [e[2] for e in episodes(conn)] == ["resolved"]
         assert [r[1] for r in outbox(conn)] == ["firing", "firing"]
+
+
+def test_a_failure_half_way_leaves_no_partial_state(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1")
+    start = a_minute(30)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        put_minute(conn, start, {"d1": 2000.0}, HOUSEHOLDS)
+        # the outbox write fails after the episode rows were written in the same transaction
+        conn.execute(
+            "CREATE FUNCTION energy.refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'outbox unavailable'; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON energy.alert_outbox "
+            "FOR EACH ROW EXECUTE FUNCTION energy.refuse()"
+        )
+        evaluation = evaluate_window(conn, rules, "1m", start)
+        with pytest.raises(psycopg.errors.RaiseException):
+            apply_windows(conn, rules, [evaluation], datetime.now(UTC))
+        for table in ("alerts", "alert_pending", "alert_outbox", "alert_evaluations"):
+            assert conn.execute(f"SELECT count(*) FROM energy.{table}").fetchone() == (0,)
+        conn.execute("DROP TRIGGER refuse ON energy.alert_outbox")
+        outcome = apply_windows(conn, rules, [evaluation], datetime.now(UTC))
+        assert outcome.opened == 1 and len(outbox(conn)) == 2  # the retry writes it all once
