@@ -263,3 +263,28 @@ def test_a_failure_half_way_leaves_no_partial_state(pg_dsn):
         conn.execute("DROP TRIGGER refuse ON energy.alert_outbox")
         outcome = apply_windows(conn, rules, [evaluation], datetime.now(UTC))
         assert outcome.opened == 1 and len(outbox(conn)) == 2  # the retry writes it all once
+
+
+def test_a_crash_between_evaluation_and_delivery_notifies_once(pg_dsn, caplog):
+    import logging
+
+    from energy_pipeline.alerts.channels import Channels, LogChannel
+    from energy_pipeline.alerts.delivery import deliver_pending
+
+    rules_text = HOT.replace("for: 3", "for: 1").replace("[webhook, log]", "[log]")
+    start = a_minute(30)
+    channels = Channels(log=LogChannel(logging.getLogger("alerts-under-test")))
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        put_minute(conn, start, {"d1": 2000.0}, HOUSEHOLDS)
+        first = run_minutes(conn, rules, [start], datetime.now(UTC))
+        # the run dies here, before its fast-path delivery; the retried run re-evaluates
+        retried = run_minutes(conn, rules, [start], datetime.now(UTC))
+        assert len(first.outbox_ids) == 1 and retried.outbox_ids == []
+        with caplog.at_level(logging.INFO, logger="alerts-under-test"):
+            swept = deliver_pending(conn, channels, datetime.now(UTC))  # the delivery sensor
+            again = deliver_pending(conn, channels, datetime.now(UTC))
+        assert (swept.delivered, again.delivered) == (1, 0)
+        key = f"hot:d1:{start.isoformat()}:firing:0:log"
+        assert sum(key in r.getMessage() for r in caplog.records) == 1
+        assert outbox(conn)[0][4] == key
