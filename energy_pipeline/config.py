@@ -234,6 +234,8 @@ class Settings:
     alert_smtp_from: str = ""
     alert_smtp_to: tuple[str, ...] = ()
     alert_smtp_starttls: bool = True
+    # Rendered reports (fleet overviews, household pages); see energy_pipeline/reports/.
+    reports_dir: Path = PROJECT_ROOT / ".data" / "reports"
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
     # from the environment: Dagster gets them as EnvVars, resolved at run time.
@@ -303,6 +305,7 @@ class Settings:
                 a.strip() for a in env.get("ALERT_SMTP_TO", "").split(",") if a.strip()
             ),
             alert_smtp_starttls=_bool(env, "ALERT_SMTP_STARTTLS", True),
+            reports_dir=Path(env.get("ENERGY_REPORTS_DIR") or data_dir / "reports"),
             secrets={
                 k: env[k]
                 for k in (

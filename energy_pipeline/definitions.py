@@ -13,6 +13,7 @@ from energy_pipeline.defs import hierarchy, minute_rollups, partition_window
 from energy_pipeline.defs.alerts import build_defs as build_alert_defs
 from energy_pipeline.defs.alerts import delivery_defs as alert_delivery
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
+from energy_pipeline.defs.reports import build_defs as build_report_defs
 from energy_pipeline.defs.retention import build_defs as build_retention_defs
 from energy_pipeline.resources import InfluxDBResource, PostgresResource
 
@@ -77,6 +78,7 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
         build_retention_defs(settings),
         alert_delivery.build_defs(),
         build_alert_defs(now or datetime.now(UTC), settings.raw_retention_days),
+        build_report_defs(settings.reports_dir, settings.run_timeout_seconds),
     ]
     return dg.Definitions.merge(
         *domains,

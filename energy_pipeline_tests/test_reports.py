@@ -13,16 +13,23 @@ from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import dagster as dg
 import polars as pl
 import psycopg
 import pytest
 from psycopg import sql
 
-from energy_pipeline import storage
+from energy_pipeline import cli, storage
+from energy_pipeline.defs.reports.assets import ReportOutputResource, household_daily_report
+from energy_pipeline.defs.reports.checks import kwh_matches_five_minute_rows
+from energy_pipeline.defs.reports.partitions import DAILY_REPORT_PARTITIONS
+from energy_pipeline.defs.reports.sensors import build_report_sensor
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
 from energy_pipeline.reports import tariffs
 from energy_pipeline.reports.compute import compute_reports, kwh_checks, replace_day
+from energy_pipeline.reports.planning import DayRun, ReportDayState, plan_report_days
+from energy_pipeline.resources import PostgresResource
 from energy_pipeline_tests.conftest import TEMPLATE_DB
 from energy_pipeline_tests.helpers import close
 
@@ -405,3 +412,211 @@ def test_tariff_apply_is_idempotent_and_checks_names(conn, tmp_path: Path):
     tariffs.apply(conn, tariffs.load(bands_csv))
     defaults = conn.execute("SELECT tariff_id FROM energy.tariffs WHERE is_default").fetchall()
     assert defaults == [("night",)]
+
+
+# --- Dagster: the asset, its check, the sensor -------------------------------------------------
+
+
+def materialize_day(dsn: str, out_dir: Path, day: date) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [household_daily_report, kwh_matches_five_minute_rows],
+        resources={
+            "postgres": PostgresResource(dsn=dsn),
+            "report_output": ReportOutputResource(directory=str(out_dir)),
+        },
+        partition_key=day.isoformat(),
+        raise_on_error=False,
+    )
+
+
+def run_check_only(dsn: str, day: date) -> dg.AssetCheckEvaluation:
+    job = dg.define_asset_job(
+        "report_check_only",
+        selection=dg.AssetSelection.checks_for_assets(household_daily_report),
+        partitions_def=DAILY_REPORT_PARTITIONS,
+    )
+    defs = dg.Definitions(
+        assets=[household_daily_report],
+        asset_checks=[kwh_matches_five_minute_rows],
+        jobs=[job],
+        resources={
+            "postgres": PostgresResource(dsn=dsn),
+            "report_output": ReportOutputResource(directory="/nonexistent"),
+        },
+    )
+    result = defs.resolve_job_def(job.name).execute_in_process(
+        tags={"dagster/partition": day.isoformat()}, raise_on_error=False
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def test_asset_writes_rows_and_fleet_page_and_its_check_catches_tampering(
+    loaded_dsn: str, tmp_path: Path
+):
+    result = materialize_day(loaded_dsn, tmp_path, DST_DAY)
+    assert result.success
+    (mat,) = result.get_asset_materialization_events()
+    meta = mat.materialization.metadata
+    page = tmp_path / "fleet" / "2026-03-29.html"
+    assert meta["fleet_overview"].value == str(page) and page.exists()
+    assert meta["households"].value == 3 and meta["households_with_data"].value == 3
+    assert "kWh" in meta["summary"].value
+    html_text = page.read_text()
+    assert "<script" not in html_text.lower().replace("<script>", "")
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.passed and evaluation.partition == "2026-03-29"
+    with psycopg.connect(loaded_dsn) as conn:
+        stored = conn.execute(
+            "SELECT household_id, energy_kwh FROM energy.household_daily_report WHERE day = %s",
+            (DST_DAY,),
+        ).fetchall()
+        assert len(stored) == 3
+        conn.execute(
+            "UPDATE energy.household_rollup_5m SET energy_wh_sum = energy_wh_sum * 2 "
+            "WHERE household_id = 'hh-ny' AND bucket = (SELECT min(bucket) "
+            "FROM energy.household_rollup_5m WHERE household_id = 'hh-ny' AND bucket >= %s)",
+            (datetime(2026, 3, 29, 17, tzinfo=UTC),),
+        )
+    failed = run_check_only(loaded_dsn, DST_DAY)
+    assert not failed.passed and failed.metadata["mismatched"].value == 1
+    assert "hh-ny" in failed.metadata["first_mismatches"].value
+
+
+def test_zone_rule_is_reported_in_metadata(loaded_dsn: str, tmp_path: Path):
+    with storage.connect(loaded_dsn) as conn:
+        storage.upsert_devices(
+            conn,
+            pl.DataFrame(
+                {"device_id": ["k3"], "household_id": ["hh-kat"], "timezone": ["Asia/Dhaka"]}
+            ),
+        )
+    result = materialize_day(loaded_dsn, tmp_path, DST_DAY)
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["households_with_mixed_zones"].value == 1
+    assert "hh\\-kat" in meta["zone_rule"].value
+    with psycopg.connect(loaded_dsn) as conn:
+        (zone,) = conn.execute(
+            "SELECT timezone FROM energy.household_daily_report "
+            "WHERE household_id = 'hh-kat' AND day = %s",
+            (DST_DAY,),
+        ).fetchone()
+    assert zone == "Asia/Kathmandu"  # two devices against one
+
+
+def test_sensor_requests_due_days_then_only_recomputed_ones(
+    loaded_dsn: str, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setattr(
+        "energy_pipeline.defs.reports.sensors.utcnow",
+        lambda: datetime(2026, 3, 31, 12, 10, tzinfo=UTC),
+    )
+    sensor = build_report_sensor(settle_seconds=1800)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"postgres": PostgresResource(dsn=loaded_dsn)}
+
+    def tick() -> list[dg.RunRequest]:
+        result = sensor(dg.build_sensor_context(instance=instance, resources=resources))
+        assert isinstance(result, dg.SensorResult)
+        return list(result.run_requests or [])
+
+    # 2026-03-30 closes everywhere at 03-31 12:00 and settles until 12:30: not yet due.
+    first = tick()
+    assert [r.partition_key for r in first][:2] == ["2026-03-29", "2026-03-28"]
+    assert len(first) == 7
+    materialize_day(loaded_dsn, tmp_path, DST_DAY)
+    assert "2026-03-29" not in [r.partition_key for r in tick()]
+    # A late minute recomputes a 5-minute window of the 29th: that day (and the days whose
+    # trailing week holds it) are requested again, under a new run key.
+    with storage.connect(loaded_dsn) as conn:
+        window = datetime(2026, 3, 29, 10, tzinfo=UTC)
+        replace_windows(
+            conn, HOUSEHOLD_5M, window, window + timedelta(minutes=5), datetime.now(UTC)
+        )
+    again = {r.partition_key: r.run_key for r in tick()}
+    assert "2026-03-29" in again
+    assert again["2026-03-29"] != next(r.run_key for r in first if r.partition_key == "2026-03-29")
+
+
+# --- The planner (pure) ------------------------------------------------------------------------
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+SETTLE = timedelta(minutes=30)
+
+
+def state(day: int, stamp_s: int | None = 0, recorded_s: int | None = None) -> ReportDayState:
+    return ReportDayState(
+        date(2026, 3, day),
+        None if stamp_s is None else T0 + timedelta(seconds=stamp_s),
+        recorded_s is not None,
+        None if recorded_s is None else T0 + timedelta(seconds=recorded_s),
+    )
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (datetime(2026, 3, 11, 12, 29, tzinfo=UTC), []),  # UTC-12's day 10 still settling
+        (datetime(2026, 3, 11, 12, 30, tzinfo=UTC), [date(2026, 3, 10)]),
+    ],
+)
+def test_plan_waits_for_the_last_zone_and_settle(now, expected):
+    assert [r.day for r in plan_report_days([state(10)], [], [], now, SETTLE)] == expected
+
+
+def test_plan_skips_current_inflight_and_empty_days_and_goes_newest_first():
+    now = datetime(2026, 3, 20, tzinfo=UTC)
+    states = [state(3), state(4, 5, recorded_s=5), state(5, None), state(6), state(7, 9, 8)]
+    in_flight = [DayRun(date(2026, 3, 6), now)]
+    plan = plan_report_days(states, in_flight, [], now, SETTLE)
+    assert [r.day.day for r in plan] == [7, 3]
+
+
+def test_plan_run_keys_follow_the_source_stamp():
+    now = datetime(2026, 3, 20, tzinfo=UTC)
+    (a,) = plan_report_days([state(3, 10)], [], [], now, SETTLE)
+    (b,) = plan_report_days([state(3, 10)], [], [], now, SETTLE)
+    (c,) = plan_report_days([state(3, 11)], [], [], now, SETTLE)
+    assert a.run_key == b.run_key != c.run_key
+
+
+def test_plan_retries_a_failed_day_after_the_backoff_under_a_new_key():
+    now = datetime(2026, 3, 20, tzinfo=UTC)
+    (first,) = plan_report_days([state(3)], [], [], now, SETTLE)
+    failed = [DayRun(date(2026, 3, 3), T0, ended=now - timedelta(minutes=1))]
+    assert plan_report_days([state(3)], [], failed, now, SETTLE) == []
+    (retry,) = plan_report_days([state(3)], [], failed, now + timedelta(minutes=5), SETTLE)
+    assert retry.run_key != first.run_key and ":retry-" in retry.run_key
+
+
+def test_plan_limits_requests_per_tick():
+    now = datetime(2026, 3, 28, tzinfo=UTC)
+    plan = plan_report_days([state(d) for d in range(1, 21)], [], [], now, SETTLE)
+    assert [r.day.day for r in plan] == [20, 19, 18, 17, 16, 15, 14]
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+
+def test_cli_renders_a_household_report_and_applies_tariffs(
+    loaded_dsn: str, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setenv("ENERGY_PG_DSN", loaded_dsn)
+    out = tmp_path / "berlin.html"
+    assert (
+        cli.main(["report", "--household", "hh-berlin", "--date", "2026-03-29", "--out", str(out)])
+        == 0
+    )
+    assert "computed now, not stored" in capsys.readouterr().out
+    page = out.read_text()
+    assert page.count('class="pt"') == 23 and "&lt;script&gt;" in page
+    assert cli.main(["report", "--household", "nobody", "--date", "2026-03-29"]) == 2
+    assert "no registered device" in capsys.readouterr().err
+    assert cli.main(["report", "--household", "hh-ny", "--date", "29.03.2026"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tariffs: [{id: x, currency: EUR, bands: []}]")
+    assert cli.main(["tariffs", "apply", str(bad)]) == 2
+    assert "bands must be a non-empty list" in capsys.readouterr().err
+    example = Path(__file__).resolve().parent.parent / "examples" / "tariffs.yaml"
+    assert cli.main(["tariffs", "apply", str(example)]) == 0
+    assert "applied" in capsys.readouterr().out
