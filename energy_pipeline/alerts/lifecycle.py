@@ -156,7 +156,9 @@ def _step(state: _State, rules: dict[str, Rule], ev: WindowEvaluation) -> None:
 
 def _values_of(ev: WindowEvaluation, keys: list[Key]) -> dict[Key, dict[str, Any]]:
     wanted = pl.DataFrame(keys, schema={"rule_id": pl.String, "entity": pl.String}, orient="row")
-    found = ev.results.join(wanted, on=["rule_id", "entity"], how="semi")
+    found = ev.results.filter(pl.col("rule_id").is_in(wanted["rule_id"].unique().implode())).join(
+        wanted, on=["rule_id", "entity"], how="semi"
+    )
     return {(r["rule_id"], r["entity"]): r for r in found.iter_rows(named=True)}
 
 
@@ -268,6 +270,12 @@ def payload(rule: Rule, event: Event, grain: str) -> dict[str, Any]:
     return data
 
 
+_OUTBOX_COLUMNS = (
+    "idempotency_key, alert_id, rule_id, entity, channel, kind, payload, suppressed, "
+    "next_attempt_at"
+)
+
+
 def _write_outbox(
     cur: psycopg.Cursor, rules: dict[str, Rule], events: list[Event], grain: str, now: datetime
 ) -> tuple[list[int], int]:
@@ -278,7 +286,7 @@ def _write_outbox(
         (now,),
     )
     silences = cur.fetchall()
-    rows, reasons = [], []
+    rows = []
     for event in events:
         ep, rule = event.episode, rules[event.episode.rule_id]
         reason = event.suppressed or _silence(silences, ep.rule_id, ep.entity)
@@ -287,26 +295,26 @@ def _write_outbox(
         for channel in rule.channels:
             rows.append((f"{key}:{channel}", ep.alert_id, ep.rule_id, ep.entity, channel,
                          event.kind, body, reason, now))  # fmt: skip
-            reasons.append(reason)
-    to_send: list[int] = []
-    suppressed = 0
     if not rows:
-        return to_send, suppressed
-    cur.executemany(
-        "INSERT INTO energy.alert_outbox (idempotency_key, alert_id, rule_id, entity, channel, "
-        "kind, payload, suppressed, next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING outbox_id",
-        rows,
-        returning=True,
+        return [], 0
+    # COPY into a transaction-local table, then one INSERT … ON CONFLICT in event order: a key
+    # written before (a re-run) is skipped and returns nothing.
+    cur.execute(
+        "CREATE TEMP TABLE alert_outbox_new (ordinal integer, idempotency_key text, "
+        "alert_id bigint, rule_id text, entity text, channel text, kind text, payload jsonb, "
+        "suppressed text, next_attempt_at timestamptz) ON COMMIT DROP"
     )
-    for reason in reasons:
-        row = cur.fetchone()  # None: the key was written before
-        if row is not None:
-            if reason:
-                suppressed += 1
-            else:
-                to_send.append(row[0])
-        cur.nextset()
+    with cur.copy(f"COPY alert_outbox_new (ordinal, {_OUTBOX_COLUMNS}) FROM STDIN") as copy:
+        for ordinal, row in enumerate(rows):
+            copy.write_row((ordinal, *row))
+    cur.execute(
+        f"INSERT INTO energy.alert_outbox ({_OUTBOX_COLUMNS}) "
+        f"SELECT {_OUTBOX_COLUMNS} FROM alert_outbox_new ORDER BY ordinal "
+        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING outbox_id, suppressed IS NOT NULL"
+    )
+    written = cur.fetchall()
+    to_send = sorted(outbox_id for outbox_id, held in written if not held)
+    suppressed = sum(1 for _, held in written if held)
     return to_send, suppressed
 
 
