@@ -288,3 +288,22 @@ def test_a_crash_between_evaluation_and_delivery_notifies_once(pg_dsn, caplog):
         key = f"hot:d1:{start.isoformat()}:firing:0:log"
         assert sum(key in r.getMessage() for r in caplog.records) == 1
         assert outbox(conn)[0][4] == key
+
+
+def test_a_range_that_resolves_and_reopens_an_episode_opened_before_it(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1").replace("[webhook, log]", "[log]")
+    start = a_minute(40)
+    minutes = [start + timedelta(minutes=i) for i in range(5)]
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        for m, watts in zip(minutes, [2000.0, 2000.0, 10.0, 2000.0, 2000.0], strict=True):
+            put_minute(conn, m, {"d1": watts}, HOUSEHOLDS)
+        run_minutes(conn, rules, minutes[:1], datetime.now(UTC))  # opened and notified
+        outcome = run_minutes(conn, rules, minutes[1:], datetime.now(UTC))  # catch-up
+        assert [(e[2], e[3], e[4]) for e in episodes(conn)] == [
+            ("resolved", minutes[0], minutes[2]),
+            ("firing", minutes[3], None),
+        ]
+        # the notified episode's resolution and the new open episode are sent
+        assert (outcome.opened, outcome.resolved, outcome.suppressed) == (1, 1, 0)
+        assert [r[1] for r in outbox(conn)] == ["firing", "resolved", "firing"]

@@ -186,6 +186,13 @@ def _write_episodes(cur: psycopg.Cursor, episodes: list[Episode], grain: str) ->
 
     new = [ep for ep in episodes if ep.alert_id is None]
     changed = [ep for ep in episodes if ep.alert_id is not None and ep.changed]
+    # Updates first: an episode resolved in this batch frees its (rule, entity) for a new one.
+    if changed:
+        cur.executemany(
+            "UPDATE energy.alerts SET state = %s, last_value = %s, last_bucket = %s, "
+            "resolved_at = %s, last_notified_at = %s, repeats = %s WHERE alert_id = %s",
+            [(*values(ep), ep.alert_id) for ep in changed],
+        )
     if new:
         cur.executemany(
             "INSERT INTO energy.alerts (state, last_value, last_bucket, resolved_at, "
@@ -199,12 +206,6 @@ def _write_episodes(cur: psycopg.Cursor, episodes: list[Episode], grain: str) ->
         for ep in new:
             ep.alert_id = cur.fetchone()[0]  # type: ignore[index]
             cur.nextset()
-    if changed:
-        cur.executemany(
-            "UPDATE energy.alerts SET state = %s, last_value = %s, last_bucket = %s, "
-            "resolved_at = %s, last_notified_at = %s, repeats = %s WHERE alert_id = %s",
-            [(*values(ep), ep.alert_id) for ep in changed],
-        )
 
 
 def _write_pending(cur: psycopg.Cursor, rule_ids: list[str], pending: dict[Key, Pending]) -> None:
