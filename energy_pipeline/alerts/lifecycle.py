@@ -7,8 +7,9 @@ grain) never notify twice. Episode changes, pending streaks, outbox rows and the
 written in one transaction; each outbox row's idempotency key is unique as well.
 
 A range of windows (a catch-up run) is applied window by window, but only episodes still open at
-its end are notified: notifications of an episode opened and resolved inside the range, and
-repeats but the last, are written as suppressed rows. No Dagster here.
+its end are notified: notifications of an episode opened and resolved inside the range, repeats
+of episodes it opened, and repeats but the last of older ones, are written as suppressed rows.
+No Dagster here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from energy_pipeline.alerts.rules import ANOMALY_OPERATOR, Rule
 
 CATCH_UP = "catch-up: episode opened and resolved within the evaluated range"
 CATCH_UP_REPEAT = "catch-up: superseded by a later repeat in the evaluated range"
+CATCH_UP_OPENED = "catch-up: the episode opened in the evaluated range; its firing notice stands"
 
 Key = tuple[str, str]
 
@@ -164,12 +166,14 @@ def _values_of(ev: WindowEvaluation, keys: list[Key]) -> dict[Key, dict[str, Any
 
 def _catch_up(state: _State) -> None:
     """Suppress what a catch-up range must not send: episodes that did not outlive the range,
-    and all but the last repeat of each episode."""
+    repeats of episodes it opened, and all but the last repeat of older episodes."""
     last_repeat: dict[int, Event] = {}
     for event in state.events:
         episode = event.episode
         if episode.opened_here and episode.resolved_at is not None:
             event.suppressed = CATCH_UP
+        elif event.kind == "repeat" and episode.opened_here:
+            event.suppressed = CATCH_UP_OPENED
         elif event.kind == "repeat":
             earlier = last_repeat.get(id(episode))
             if earlier is not None:
