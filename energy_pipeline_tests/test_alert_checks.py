@@ -10,6 +10,7 @@ import dagster as dg
 import polars as pl
 import psycopg
 import pytest
+from dagster._core.event_api import PartitionKeyFilter
 
 from energy_pipeline.alerts.rules import apply_rules, parse_rules
 from energy_pipeline.config import Settings
@@ -142,8 +143,20 @@ def test_a_ranged_run_reports_each_minute_and_notifies_only_open_episodes(fleet,
     for i, watts in enumerate(draws):
         write_minute(influx_db, first + timedelta(minutes=i), {"charger": watts, "fridge": 90.0})
     last = first + timedelta(minutes=len(draws) - 1)
-    result = minute_run(fleet, dg.DagsterInstance.ephemeral(), first, last)
+    instance = dg.DagsterInstance.ephemeral()
+    result = minute_run(fleet, instance, first, last)
     assert result.success
+    # the instance keeps one check execution per minute partition, with its own verdict
+    check = dg.AssetCheckKey(MINUTE_ROLLUP, ALERT_RULES["1m"])
+    statuses = []
+    for i in range(len(draws)):
+        key = partition_key(first + timedelta(minutes=i))
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [check], partition_filter=PartitionKeyFilter(key=key)
+        )[check]
+        assert latest.partition == key
+        statuses.append(latest.status.value)
+    assert statuses == ["FAILED", "SUCCEEDED", "SUCCEEDED", "FAILED"]
     found = evaluations(result, ALERT_RULES["1m"])
     assert [e.partition for e in found] == [
         partition_key(first + timedelta(minutes=i)) for i in range(len(draws))
