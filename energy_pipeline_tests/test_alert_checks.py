@@ -247,3 +247,29 @@ def test_the_contract_names_schema_drift_and_impossible_rows(pg_dsn):
         "column power_w_max is real, expected double precision",
         "column voltage_v_max is missing",
     ]
+
+
+def test_the_minute_sensors_request_runs_the_alert_checks(fleet, influx_db, monkeypatch):
+    from energy_pipeline.defs.minute_rollups import sensors
+
+    minute = base_minute(3)
+    write_minute(influx_db, minute, {"charger": 11800.0, "fridge": 90.0})
+    monkeypatch.setattr(sensors, "utcnow", lambda: minute + timedelta(minutes=1, seconds=15))
+    defs = build_definitions(fleet)
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = defs.get_repository_def().get_sensor_def("minute_rollup_sensor")
+    context = dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs)
+    [request] = sensor.evaluate_tick(context).run_requests
+    assert request.asset_selection == [MINUTE_ROLLUP] and request.asset_check_keys is None
+    # what the daemon launches for it: the asset job subset to the request's selection
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection=set(request.asset_selection), asset_check_selection=None
+    )
+    result = job.execute_in_process(
+        partition_key=request.partition_key, tags=request.tags, instance=instance
+    )
+    assert result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(checks) == {ALERT_RULES["1m"], CONTRACT["1m"]}
+    assert checks[ALERT_RULES["1m"]].partition == partition_key(minute)
+    assert outbox(fleet.pg_dsn) == [("charger", "firing", "log", True, None)]
