@@ -8,8 +8,11 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
-from energy_pipeline.alerts.evaluate import evaluate_window
+from energy_pipeline.alerts.evaluate import evaluate, evaluate_window, rules_frame
 from energy_pipeline.alerts.rules import Rule, parse_rules
 from energy_pipeline.devtools.bench.alerts import measure
 from energy_pipeline.scheduling import floor_minute
@@ -222,3 +225,58 @@ def test_measure_reports_seconds_per_minute_for_a_small_fleet(pg_dsn):
     assert 0 < figures["seconds_per_minute_median"] <= figures["seconds_per_minute_max"]
     assert isinstance(figures["per_stage_median"], dict)
     assert set(pl.DataFrame(figures["breached_per_minute"]).columns) == {"minute", "breached"}
+
+
+OPERATORS = {
+    ">": lambda v, t: v > t,
+    ">=": lambda v, t: v >= t,
+    "<": lambda v, t: v < t,
+    "<=": lambda v, t: v <= t,
+    "==": lambda v, t: v == t,
+    "!=": lambda v, t: v != t,
+}
+values_strategy = st.lists(
+    st.one_of(st.none(), st.sampled_from([0.0, 5.0, 10.0, 12.5, 100.0])), min_size=1, max_size=8
+)
+rules_strategy = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(OPERATORS)),
+        st.sampled_from([0.0, 5.0, 10.0, 50.0]),
+        st.one_of(st.none(), st.lists(st.integers(0, 9), min_size=1, max_size=3)),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(values=values_strategy, rules=rules_strategy)
+def test_vectorised_thresholds_match_a_row_by_row_reading(values, rules):
+    frame = pl.DataFrame(
+        {
+            "entity_type": ["device"] * len(values),
+            "entity": [f"d{i}" for i in range(len(values))],
+            "metric": ["power_w_avg"] * len(values),
+            "value": values,
+        },
+        schema={"entity_type": pl.String, "entity": pl.String, "metric": pl.String,
+                "value": pl.Float64},
+    )  # fmt: skip
+    stored = [
+        Rule(
+            rule_id=f"r{i}", name=f"r{i}", kind="threshold", scope="device",
+            metric="power_w_avg", window_size="1m", operator=op, threshold=t, severity="info",
+            channels=["log"], entity_ids=None if ids is None else [f"d{j}" for j in ids],
+        )
+        for i, (op, t, ids) in enumerate(rules)
+    ]  # fmt: skip
+    found = evaluate(frame, rules_frame(stored))
+    got = {(r["rule_id"], r["entity"]): r["breached"] for r in found.iter_rows(named=True)}
+    expected = {
+        (rule.rule_id, f"d{i}"): value is not None
+        and OPERATORS[rule.operator](value, rule.threshold)
+        for rule in stored
+        for i, value in enumerate(values)
+        if rule.entity_ids is None or f"d{i}" in rule.entity_ids
+    }
+    assert got == expected
