@@ -67,6 +67,8 @@ def _summary(outcome: Outcome, windows: int) -> str:
         f"{outcome.opened} firing, {outcome.repeated} repeat, {outcome.resolved} resolved "
         f"notification(s); {outcome.suppressed} outbox row(s) suppressed"
     )
+    if outcome.skipped:
+        text += f"; {len(outcome.skipped)} window(s) already applied changed nothing"
     if windows > 1:
         text += (
             f"; catch-up of {windows} windows: only episodes still open at its end were "
