@@ -46,17 +46,18 @@ def run_bench(
     live_minutes: float = 0,
     live_dsns: tuple[str, str] | None = None,
     live_only: bool = False,
+    live_alerts: bool = False,
 ) -> dict[str, Any]:
     """Run every measurement; returns the figures (also what `--json` writes).
 
     `live_dsns` (rollup database, Dagster storage database) enables the live section;
-    `live_only` skips the others.
+    `live_only` skips the others; `live_alerts` adds 100 alert rules and a webhook receiver.
     """
     if live_only:
         if not (live_minutes and live_dsns):
             raise ValueError("live_only needs live_minutes and live_dsns")
         say(f"live for {live_minutes} minutes: simulator + Dagster daemon")
-        live = measure_live(targets, *live_dsns, opts, live_minutes, say)
+        live = measure_live(targets, *live_dsns, opts, live_minutes, say, live_alerts)
         return {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat(), "live": live}
     fleet = build_fleet(opts.devices, seed=opts.seed)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -110,7 +111,7 @@ def run_bench(
         result["scaling_max_deviation"] = max(abs(c / mean_cost - 1) for c in costs)
     if live_minutes and live_dsns:
         say(f"live for {live_minutes} minutes: simulator + Dagster daemon")
-        result["live"] = measure_live(targets, *live_dsns, opts, live_minutes, say)
+        result["live"] = measure_live(targets, *live_dsns, opts, live_minutes, say, live_alerts)
     return result
 
 

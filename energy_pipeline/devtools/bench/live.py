@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from energy_pipeline.config import Settings
+from energy_pipeline.devtools.bench import live_alerts
 from energy_pipeline.devtools.bench.common import (
     BenchOptions,
     BenchTargets,
@@ -65,6 +66,20 @@ def _household_window_timings(live_pg_dsn: str, since: float) -> list[dict[str, 
     return [{"close_to_row_s": float(c), "minute_to_row_s": float(m)} for c, m in rows]
 
 
+def _drain_outbox(
+    live_pg_dsn: str, receiver: live_alerts.Receiver, outage: tuple[float, float], say: Progress
+) -> dict[str, Any]:
+    """Give the retry sensor up to 3 minutes to deliver what waited out the outage, then sum up
+    (the simulator and the daemon still run meanwhile)."""
+    deadline = time.time() + 180
+    state = live_alerts.outbox_state(live_pg_dsn)
+    while state["pending"] and time.time() < deadline:
+        time.sleep(5)
+        state = live_alerts.outbox_state(live_pg_dsn)
+    say(f"  outbox: {state}")
+    return live_alerts.summarise(receiver, outage, state)
+
+
 def measure_live(
     targets: BenchTargets,
     live_pg_dsn: str,
@@ -72,11 +87,14 @@ def measure_live(
     opts: BenchOptions,
     minutes: float,
     say: Progress,
+    alerts: bool = False,
 ) -> dict[str, Any]:
     """Simulator writing live + the real Dagster daemon: freshness lag and per-run overhead.
 
     Uses its own InfluxDB and PostgreSQL databases, so the loaded history is not touched. Both
     `live_pg_dsn` and `dagster_dsn` must be dedicated to the bench: their contents are dropped.
+    With `alerts`, 100 rules notify a webhook receiver that goes down for a minute halfway
+    (live_alerts.py): minute close → webhook received, retries, duplicates.
     """
     live_db = f"{targets.influx_database}_live"
     influx = targets.influx(live_db)
@@ -92,15 +110,18 @@ def measure_live(
     with connect(live_pg_dsn) as conn:
         prepare_postgres(live_pg_dsn, conn, build_fleet(opts.devices, seed=opts.seed))
     home = dagster_home(Path(tempfile.mkdtemp(prefix="bench-dagster-")))
-    env = dagster_env(
-        home,
-        dagster_dsn,
-        {
-            "INFLUXDB_URL": targets.influx_url,
-            "INFLUXDB_DATABASE": live_db,
-            "ENERGY_PG_DSN": live_pg_dsn,
-        },
-    )
+    extra = {
+        "INFLUXDB_URL": targets.influx_url,
+        "INFLUXDB_DATABASE": live_db,
+        "ENERGY_PG_DSN": live_pg_dsn,
+    }
+    receiver = live_alerts.Receiver()
+    if alerts:
+        say(f"  {live_alerts.apply_bench_rules(live_pg_dsn)} alert rules applied")
+        receiver.start()
+        extra |= {"ALERT_WEBHOOK_URL": receiver.url,
+                  "ALERT_WEBHOOK_SECRET": live_alerts.WEBHOOK_SECRET}  # fmt: skip
+    env = dagster_env(home, dagster_dsn, extra)
     stop = threading.Event()
     writer = threading.Thread(
         target=run_live,
@@ -111,11 +132,20 @@ def measure_live(
     writer.start()
     daemon = start_daemon(env, home / "daemon.log")
     lags: list[float] = []
+    alert_figures: dict[str, Any] = {}
     full = opts.devices * 60 * 0.99
+    # The receiver is down for a minute from the middle of the run (alerts only).
+    outage = (began + minutes * 30, began + minutes * 30 + 60)
     try:
         warmup = began + 120  # the first minute is partial; the first run imports everything
         while time.time() < began + minutes * 60:
             time.sleep(5)
+            if alerts and outage[0] <= time.time() < outage[1] and receiver.running:
+                say("  webhook receiver down for 60 s")
+                receiver.stop()
+            elif alerts and time.time() >= outage[1] and not receiver.running:
+                receiver.start()
+                say("  webhook receiver back")
             with psycopg.connect(live_pg_dsn) as conn:
                 row = conn.execute(
                     "SELECT max(bucket) FROM energy.rollup_minutes WHERE points_read >= %s",
@@ -128,8 +158,11 @@ def measure_live(
             if int(elapsed * 12) % 12 == 0:
                 say(f"  live {elapsed:.1f}/{minutes} min, freshness lag now "
                     f"{lags[-1] if lags else float('nan'):.1f} s")  # fmt: skip
+        if alerts:
+            alert_figures = _drain_outbox(live_pg_dsn, receiver, outage, say)
     finally:
         stop.set()
+        receiver.stop()
         # SIGINT lets the daemon stop its threads and code server; what is left of its session
         # (run workers) is killed after the timeout.
         stop_process(daemon, timeout_s=60)
@@ -143,7 +176,15 @@ def measure_live(
     def window_stat(key: str, q: float) -> float:
         return pct([w[key] for w in windows], q)
 
+    if alerts:
+        spent = live_alerts.evaluation_seconds(dagster_dsn, began + 120)
+        alert_figures |= {
+            "alert_rule_evaluations": len(spent),
+            "alert_rule_evaluation_p50_s": pct(spent, 0.5),
+            "alert_rule_evaluation_p95_s": pct(spent, 0.95),
+        }
     return {
+        **({f"alerts_{k}": v for k, v in alert_figures.items()} if alerts else {}),
         "minutes": minutes,
         "freshness_samples": len(lags),
         "freshness_lag_p50_s": pct(lags, 0.5),
