@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import datetime
 
 from energy_pipeline.devtools.bench import (
     READ_QUERIES,
@@ -103,3 +104,35 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     assert "reads top5_devices_24h: device_rollup_1h p50/p95" in table
     assert "hierarchy: one household 5-minute window" in table
     assert any("loaded" in m for m in messages)
+
+
+def test_live_alert_figures_count_duplicates_and_keep_retried_notifications_apart():
+    import yaml
+
+    from energy_pipeline.alerts.rules import parse_rules
+    from energy_pipeline.devtools.bench.live_alerts import Receiver, bench_rules, summarise
+
+    rules = parse_rules(yaml.safe_dump({"rules": bench_rules()}))
+    assert len(rules) == 100 and len({r.rule_id for r in rules}) == 100
+
+    closed = 1_800_000_000.0
+    end = "2027-01-15T08:00:00+00:00"
+    assert closed == datetime.fromisoformat(end).timestamp()
+    receiver = Receiver()
+    receiver.received = [
+        (closed + 8.0, "a", {"kind": "firing", "window_end": end}),
+        (closed + 9.0, "a", {"kind": "firing", "window_end": end}),  # sent again: a duplicate
+        (closed + 6.0, "b", {"kind": "repeat", "window_end": end}),
+        (closed + 70.0, "c", {"kind": "firing", "window_end": end}),  # waited out the outage
+        (closed + 5.0, "d", {"kind": "resolved", "window_end": end}),
+    ]
+    outbox = {"rows": 4, "delivered": 4, "dead_lettered": 0, "pending": 0, "failed_attempts": 2}
+    figures = summarise(receiver, (closed, closed + 60), outbox, retried={"c"})
+    assert figures["notifications_received"] == 4
+    assert figures["duplicates_received"] == 1
+    assert figures["by_kind"] == {"firing": 2, "repeat": 1, "resolved": 1}
+    assert figures["close_to_webhook_samples"] == 2  # a and b; c was retried, d is not a firing
+    assert figures["close_to_webhook_max_s"] == 8.0
+    assert figures["delivered_after_outage"] == 1
+    assert figures["after_outage_close_to_webhook_max_s"] == 70.0
+    assert figures["delivery_retries"] == 2

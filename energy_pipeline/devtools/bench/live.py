@@ -77,7 +77,8 @@ def _drain_outbox(
         time.sleep(5)
         state = live_alerts.outbox_state(live_pg_dsn)
     say(f"  outbox: {state}")
-    return live_alerts.summarise(receiver, outage, state)
+    retried = live_alerts.retried_keys(live_pg_dsn)
+    return live_alerts.summarise(receiver, outage, state, retried)
 
 
 def measure_live(

@@ -110,6 +110,16 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/alerts"
 
 
+def retried_keys(dsn: str) -> set[str]:
+    """Idempotency keys of webhook notifications that needed more than one attempt."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT idempotency_key FROM energy.alert_outbox "
+            "WHERE channel = 'webhook' AND attempts > 1"
+        ).fetchall()
+    return {key for (key,) in rows}
+
+
 def outbox_state(dsn: str) -> dict[str, int]:
     """Counts of the outbox rows by state, and the attempts that failed."""
     with psycopg.connect(dsn) as conn:
@@ -126,10 +136,10 @@ def outbox_state(dsn: str) -> dict[str, int]:
 
 
 def summarise(
-    receiver: Receiver, outage: tuple[float, float], outbox: dict[str, int]
+    receiver: Receiver, outage: tuple[float, float], outbox: dict[str, int], retried: set[str]
 ) -> dict[str, Any]:
-    """Latency from window close to arrival, for notifications sent while the receiver was up
-    (and, apart, for those that waited out the outage); duplicates by idempotency key."""
+    """Latency from window close to arrival, for notifications delivered at their first attempt
+    (and, apart, for the `retried` ones, which waited out the outage); duplicates by key."""
     first: dict[str, tuple[float, dict[str, Any]]] = {}
     duplicates = 0
     for at, key, payload in sorted(receiver.received, key=lambda r: r[0]):
@@ -140,13 +150,12 @@ def summarise(
     up: list[float] = []
     after_outage: list[float] = []
     kinds: dict[str, int] = {}
-    for at, payload in first.values():
+    for key, (at, payload) in first.items():
         kinds[payload.get("kind", "?")] = kinds.get(payload.get("kind", "?"), 0) + 1
         if payload.get("kind") not in ("firing", "repeat"):
             continue
         closed = datetime.fromisoformat(payload["window_end"]).timestamp()
-        # Windows that closed during the outage (or just before it) waited for the receiver.
-        (after_outage if outage[0] - 15 <= closed <= outage[1] else up).append(at - closed)
+        (after_outage if key in retried else up).append(at - closed)
     return {
         "notifications_received": len(first),
         "by_kind": kinds,
