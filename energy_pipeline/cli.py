@@ -258,6 +258,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         live_minutes=args.live_minutes,
         live_dsns=(pg.dsn("energy_bench_live"), pg.dsn("energy_bench_dagster")),
         live_only=args.live_only,
+        live_alerts=args.live_alerts,
     )
     print()
     print(format_table(result))
@@ -402,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--live-only", action="store_true", help="only the live section (needs --live-minutes)"
     )
+    p.add_argument(
+        "--live-alerts",
+        action="store_true",
+        help="live section with 100 alert rules and a webhook receiver (latency, retries)",
+    )
     p.add_argument("--json", help="also write the figures as JSON to this path")
     p.set_defaults(func=cmd_bench)
 
@@ -431,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     from energy_pipeline.alerts.cli import add_parser as add_alerts_parser
 
     add_alerts_parser(sub)
+    from energy_pipeline.reports.cli import add_parsers as add_report_parsers
+
+    add_report_parsers(sub)
     return parser
 
 
