@@ -44,7 +44,9 @@ def services_up(settings: Settings) -> None:
     print(f"InfluxDB   {influx.url} (data {influx.root})")
     pg.start()
     print(f"PostgreSQL {redact_dsn(pg.dsn())} (data {pg.root})")
-    _influx(settings).create_database()
+    client = _influx(settings)
+    client.create_database()
+    print(f"InfluxDB   {_influx_retention(settings, client)}")
     for db in ("energy", "dagster"):
         pg.create_database(db)
     upgrade(settings.pg_dsn)
