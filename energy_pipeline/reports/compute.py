@@ -136,11 +136,11 @@ device_energy AS (
     UNION ALL
     SELECT h.household_id, m.device_id, sum(m.energy_wh_sum ORDER BY m.bucket)
     FROM hours h
+    -- the partial hours at both ends: two plain ranges, each an index range scan
+    CROSS JOIN LATERAL (VALUES (h.day_start, h.hour_start), (h.hour_end, h.day_end)) AS e(lo, hi)
     JOIN energy.device_rollup_1m m
-      ON m.household_id = h.household_id
-     AND ((m.bucket >= h.day_start AND m.bucket < h.hour_start)
-          OR (m.bucket >= h.hour_end AND m.bucket < h.day_end))
-    WHERE h.day_start < h.hour_start OR h.hour_end < h.day_end
+      ON m.household_id = h.household_id AND m.bucket >= e.lo AND m.bucket < e.hi
+    WHERE e.lo < e.hi
     GROUP BY 1, 2
 ),
 ranked AS (
