@@ -49,8 +49,7 @@ _WINDOWS = f"""
     win AS (
         SELECT household_id, tz,
                %(day)s::date::timestamp AT TIME ZONE tz AS day_start,
-               (%(day)s::date + 1)::timestamp AT TIME ZONE tz AS day_end,
-               (%(day)s::date - {TRAILING_DAYS})::timestamp AT TIME ZONE tz AS history_start
+               (%(day)s::date + 1)::timestamp AT TIME ZONE tz AS day_end
         FROM hh
     ),
     hours AS (
@@ -90,17 +89,19 @@ peak AS (
     ORDER BY household_id, power_w_peak DESC, bucket
 ),
 history AS (
-    SELECT household_id, avg(day_kwh ORDER BY local_day) AS trailing_avg_kwh
-    FROM (
-        SELECT w.household_id, (f.bucket AT TIME ZONE w.tz)::date AS local_day,
-               sum(f.energy_wh_sum ORDER BY f.bucket) / 1000.0 AS day_kwh
-        FROM win w
-        JOIN energy.household_rollup_5m f
-          ON f.household_id = w.household_id
-         AND f.bucket >= w.history_start AND f.bucket < w.day_start
-        GROUP BY 1, 2
-    ) days
-    GROUP BY household_id
+    -- one index range per household and previous local day (no per-row zone arithmetic)
+    SELECT w.household_id, avg(d.day_kwh ORDER BY n.back DESC) AS trailing_avg_kwh
+    FROM win w
+    CROSS JOIN generate_series(1, {TRAILING_DAYS}) AS n(back)
+    CROSS JOIN LATERAL (
+        SELECT sum(f.energy_wh_sum ORDER BY f.bucket) / 1000.0 AS day_kwh
+        FROM energy.household_rollup_5m f
+        WHERE f.household_id = w.household_id
+          AND f.bucket >= (%(day)s::date - n.back)::timestamp AT TIME ZONE w.tz
+          AND f.bucket < (%(day)s::date - n.back + 1)::timestamp AT TIME ZONE w.tz
+    ) d
+    WHERE d.day_kwh IS NOT NULL
+    GROUP BY w.household_id
 ),
 tariff AS (
     SELECT w.household_id, t.tariff_id, t.currency
