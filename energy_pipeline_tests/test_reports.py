@@ -23,7 +23,7 @@ from energy_pipeline import cli, storage
 from energy_pipeline.defs.reports.assets import ReportOutputResource, household_daily_report
 from energy_pipeline.defs.reports.checks import kwh_matches_five_minute_rows
 from energy_pipeline.defs.reports.partitions import DAILY_REPORT_PARTITIONS
-from energy_pipeline.defs.reports.sensors import build_report_sensor
+from energy_pipeline.defs.reports.sensors import ORIGIN, ORIGIN_TAG, build_report_sensor
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
 from energy_pipeline.reports import tariffs
@@ -525,7 +525,27 @@ def test_sensor_requests_due_days_then_only_recomputed_ones(
     assert [r.partition_key for r in first][:2] == ["2026-03-29", "2026-03-28"]
     assert len(first) == 7
     materialize_day(loaded_dsn, tmp_path, DST_DAY)
-    assert "2026-03-29" not in [r.partition_key for r in tick()]
+    # A run of the 28th that fails (its page cannot be written) holds that day back for the
+    # retry backoff: the sensor reads its own failed runs from the instance.
+    failed = dg.materialize(
+        [household_daily_report],
+        resources={
+            "postgres": PostgresResource(dsn=loaded_dsn),
+            "report_output": ReportOutputResource(directory="/dev/null/reports"),
+        },
+        partition_key="2026-03-28",
+        tags={ORIGIN_TAG: ORIGIN},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not failed.success
+    with psycopg.connect(loaded_dsn) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM energy.report_days WHERE day = '2026-03-28'"
+        ).fetchone() == (0,)
+    pending = [r.partition_key for r in tick()]
+    assert "2026-03-29" not in pending and "2026-03-28" not in pending
+    assert "2026-03-27" in pending
     # A late minute recomputes a 5-minute window of the 29th: that day (and the days whose
     # trailing week holds it) are requested again, under a new run key.
     with storage.connect(loaded_dsn) as conn:

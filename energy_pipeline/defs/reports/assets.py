@@ -68,6 +68,8 @@ def household_daily_report(
     in `energy.household_daily_report`; the fleet overview page of each day."""
     began = datetime.now(UTC)
     writes: list[ReportWrite] = []
+    # Fails before any row is written when the pages cannot be.
+    report_output.fleet_path(date.today()).parent.mkdir(parents=True, exist_ok=True)
     with postgres.connect() as conn:
         for day in days_of(context):
             writes.append(replace_day(conn, day, datetime.now(UTC)))
