@@ -27,7 +27,7 @@ from energy_pipeline.defs.reports.sensors import ORIGIN, ORIGIN_TAG, build_repor
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
 from energy_pipeline.reports import tariffs
-from energy_pipeline.reports.compute import compute_reports, kwh_checks, replace_day
+from energy_pipeline.reports.compute import compute_reports, kwh_checks, replace_day, zone_notes
 from energy_pipeline.reports.planning import DayRun, ReportDayState, plan_report_days
 from energy_pipeline.resources import PostgresResource
 from energy_pipeline_tests.conftest import TEMPLATE_DB
@@ -640,3 +640,16 @@ def test_cli_renders_a_household_report_and_applies_tariffs(
     example = Path(__file__).resolve().parent.parent / "examples" / "tariffs.yaml"
     assert cli.main(["tariffs", "apply", str(example)]) == 0
     assert "applied" in capsys.readouterr().out
+
+
+def test_a_zone_postgres_does_not_know_is_reported_in_utc_and_noted(conn):
+    # The registry refuses such zones; a row edited by hand can still hold one.
+    conn.execute(
+        "INSERT INTO energy.devices (device_id, household_id, timezone) "
+        "VALUES ('m1', 'hh-mars', 'Mars/Olympus_Mons')"
+    )
+    (row,) = compute_reports(conn, DST_DAY, households=["hh-mars"])
+    assert row["timezone"] == "UTC" and row["minutes_expected"] == 1440
+    assert row["energy_kwh"] == 0 and row["minutes_covered"] == 0
+    notes = {n.household_id: n for n in zone_notes(conn)}
+    assert notes["hh-mars"].unknown_zone and notes["hh-mars"].zones == ["Mars/Olympus_Mons"]
