@@ -72,12 +72,15 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Definitions:
     """Every domain's assets, checks and sensors, with the shared resources."""
+    # One reading of the clock: the minute asset and the checks on it must share one partition
+    # set, also when loading straddles a UTC midnight.
+    now = now or datetime.now(UTC)
     domains = [
-        minute_rollups.build_defs(now or datetime.now(UTC), settings.raw_retention_days),
+        minute_rollups.build_defs(now, settings.raw_retention_days),
         hierarchy.build_defs(settings.lateness_seconds, settings.run_timeout_seconds),
         build_retention_defs(settings),
         alert_delivery.build_defs(),
-        build_alert_defs(now or datetime.now(UTC), settings.raw_retention_days),
+        build_alert_defs(now, settings.raw_retention_days),
         build_report_defs(settings.reports_dir, settings.run_timeout_seconds),
     ]
     return dg.Definitions.merge(
