@@ -9,12 +9,15 @@ import dagster as dg
 import pytest
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.storage.partition_status_cache import AssetPartitionStatus
+from dagster._utils.schedules import cron_string_iterator
 
 from energy_pipeline.config import Settings, dagster_storage_url
 from energy_pipeline.defs.retention import build_defs
+from energy_pipeline.defs.retention.assets import RetentionSettings
 from energy_pipeline.defs.retention.assets import retention as retention_asset
 from energy_pipeline.defs.retention.runs import old_finished_runs, purge_runs
 from energy_pipeline.resources import PostgresResource
+from energy_pipeline.scheduling import partitions_start
 from energy_pipeline.storage import connect, create_partitions
 
 DAY0 = datetime(2026, 10, 1, tzinfo=UTC)
@@ -138,9 +141,13 @@ def test_a_long_backlog_is_purged_over_several_runs(instance):
 
 
 # The retention job as a code location runs it: from a repository (the asset asks it which
-# partitions exist), with `sample` beside it.
+# partitions exist), with `sample` beside it. The asset reads the real clock, so the tests date
+# their data from one reading of it, taken once: every day below is far from the horizons'
+# edges, so a run crossing 00:00 UTC sees the same partitions removed and kept.
+TODAY = datetime.now(UTC).date()
+OLD_DAY = TODAY - timedelta(days=40)  # past the 35-day minute horizon, also a day later
 RECENT = dg.DailyPartitionsDefinition(
-    start_date=(datetime.now(UTC) - timedelta(days=60)).strftime("%Y-%m-%d"), timezone="UTC"
+    start_date=(TODAY - timedelta(days=60)).strftime("%Y-%m-%d"), timezone="UTC"
 )
 
 
@@ -168,19 +175,33 @@ def _backdate_runs(dagster_dsn: str, days: int) -> None:
         )
 
 
-def test_retention_job_reports_what_it_removed_and_purges_old_runs(
-    instance, settings, dagster_db, monkeypatch
-):
-    today = datetime.now(UTC).date()
-    old_day = today - timedelta(days=40)
-    with connect(settings.pg_dsn) as conn:
-        create_partitions(conn, "device_rollup_1m", old_day, old_day)
+def _old_partition(pg_dsn: str) -> str:
+    """A minute rollup day partition past its horizon, holding one row; returns its name."""
+    with connect(pg_dsn) as conn:
+        create_partitions(conn, "device_rollup_1m", OLD_DAY, OLD_DAY)
         conn.execute(
             "INSERT INTO energy.device_rollup_1m (device_id, bucket, household_id, sample_count, "
             "energy_wh_sum, computed_at) VALUES ('d1', %s, 'h1', 60, 1, now())",
-            (datetime.combine(old_day, datetime.min.time(), UTC),),
+            (datetime.combine(OLD_DAY, datetime.min.time(), UTC),),
         )
-    key = (today - timedelta(days=50)).strftime("%Y-%m-%d")
+    return f"energy.device_rollup_1m_p{OLD_DAY:%Y%m%d}"
+
+
+def _rows_in(pg_dsn: str, table: str) -> int | None:
+    """Rows in `table`, None when it does not exist."""
+    with connect(pg_dsn) as conn:
+        row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        count = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(count[0]) if count else 0
+
+
+def test_retention_job_reports_what_it_removed_and_purges_old_runs(
+    instance, settings, dagster_db, monkeypatch
+):
+    old_day, old_table = OLD_DAY, _old_partition(settings.pg_dsn)
+    key = (TODAY - timedelta(days=50)).strftime("%Y-%m-%d")
     first = dg.materialize([recent_sample], instance=instance, partition_key=key).run_id
     second = dg.materialize([recent_sample], instance=instance, partition_key=key).run_id
     _backdate_runs(dagster_db, 40)
@@ -203,31 +224,69 @@ def test_retention_job_reports_what_it_removed_and_purges_old_runs(
     assert (meta["dagster_runs_deleted"].value, meta["dagster_runs_kept"].value) == (1, 1)
     assert instance.get_run_by_id(first) is None
     assert instance.get_run_by_id(second) is not None
-    with connect(settings.pg_dsn) as conn:
-        row = conn.execute(
-            "SELECT to_regclass(%s)", (f"energy.device_rollup_1m_p{old_day:%Y%m%d}",)
-        ).fetchone()
-    assert row == (None,)
+    assert _rows_in(settings.pg_dsn, old_table) is None
 
 
-def test_definitions_hold_the_retention_job_and_its_daily_schedule():
+def test_retention_schedule_runs_daily_after_the_minute_window_moves():
     from energy_pipeline.definitions import build_definitions
 
-    repo = build_definitions(Settings.from_env({})).get_repository_def()
+    settings = Settings.from_env({})
+    repo = build_definitions(settings).get_repository_def()
     schedule = repo.get_schedule_def("retention_schedule")
-    assert schedule.cron_schedule == "17 3 * * *"
     assert schedule.job_name == "retention_job"
     assert repo.get_job("retention_job") is not None
 
+    before_midnight = datetime(2026, 11, 27, 23, 59, 30, tzinfo=UTC)
+    midnight = datetime(2026, 11, 28, tzinfo=UTC)
+    ticks = cron_string_iterator(
+        before_midnight.timestamp(), schedule.cron_schedule, schedule.execution_timezone
+    )
+    first, second = next(ticks), next(ticks)
+    # Once a day, the same UTC day as the rollover it follows.
+    assert second - first == timedelta(days=1)
+    assert first.astimezone(UTC).date() == midnight.date()
+    # It sees the minute window that moved at that midnight, not the previous day's ...
+    start = partitions_start(first, settings.raw_retention_days)
+    assert start == partitions_start(midnight, settings.raw_retention_days)
+    assert start > partitions_start(before_midnight, settings.raw_retention_days)
+    # ... and runs when the previous UTC day has left the lateness window (no recompute left).
+    assert first - midnight > timedelta(seconds=settings.lateness_seconds)
 
-def test_retention_outside_a_code_location_refuses_to_purge_blind(instance, settings):
-    domain = build_defs(settings)
-    result = dg.materialize(
+
+def _bare_materialize(instance, settings, **overrides) -> dg.ExecuteInProcessResult:
+    """The retention asset in a bare in-process job (no code location), with its resources."""
+    resources = dict(build_defs(settings).resources or {})
+    if overrides:
+        resources["retention_settings"] = RetentionSettings(
+            **{**resources["retention_settings"].model_dump(), **overrides}
+        )
+    return dg.materialize(
         [retention_asset],
         instance=instance,
-        resources={**(domain.resources or {}), "postgres": PostgresResource(dsn=settings.pg_dsn)},
+        resources={**resources, "postgres": PostgresResource(dsn=settings.pg_dsn)},
         raise_on_error=False,
     )
+
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     assert not result.success
     [failure] = [e for e in result.all_events if e.is_step_failure]
-    assert "needs the code location's definitions" in str(failure.event_specific_data)
+    return str(failure.event_specific_data)
+
+
+def test_retention_outside_a_code_location_refuses_to_purge_blind(instance, settings):
+    old_table = _old_partition(settings.pg_dsn)
+    result = _bare_materialize(instance, settings)
+    assert "needs the code location's definitions" in _failure_message(result)
+    # It refused before removing anything: the expired partition and its row are still there.
+    assert _rows_in(settings.pg_dsn, old_table) == 1
+    assert not result.asset_materializations_for_node("retention")
+
+
+def test_retention_refuses_a_horizon_inside_the_minute_window_before_removing(instance, settings):
+    old_table = _old_partition(settings.pg_dsn)
+    result = _bare_materialize(instance, settings, retention_device_rollup_1m_days=7)
+    message = _failure_message(result)
+    assert "refuses its settings, nothing was removed" in message
+    assert "ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS (7 days) must be at least" in message
+    assert _rows_in(settings.pg_dsn, old_table) == 1

@@ -6,13 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from energy_pipeline.config import ConfigError
 from energy_pipeline.storage import StorageError
-
-if TYPE_CHECKING:
-    from energy_pipeline.config import Settings
 
 DAY = timedelta(days=1)
 PARTITIONED_TABLES = ("device_rollup_1m", "household_rollup_5m", "device_rollup_1h")
@@ -48,6 +45,16 @@ class HorizonSettings(Protocol):
     def retention_quarantine_days(self) -> int: ...
     @property
     def retention_alerts_days(self) -> int: ...
+
+
+class RetentionBounds(HorizonSettings, Protocol):
+    """The horizons with the windows they may never reach into (`Settings` and the job's resource
+    both have them)."""
+
+    @property
+    def lateness_seconds(self) -> int: ...
+    @property
+    def raw_retention_days(self) -> int: ...
 
 
 def horizons(settings: HorizonSettings) -> tuple[Horizon, ...]:
@@ -88,7 +95,7 @@ def minute_window_days(raw_retention_days: int) -> int:
     return raw_retention_days + 1
 
 
-def validate_horizons(settings: Settings) -> None:
+def validate_horizons(settings: RetentionBounds) -> None:
     """Refuse horizons that would remove data the pipeline may still recompute.
 
     Every horizon (and the raw-data retention) must be longer than the lateness window; the rollup

@@ -5,9 +5,16 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 from dagster_shared.check import CheckError
 
+from energy_pipeline.config import ConfigError
 from energy_pipeline.defs.retention.runs import RunPurge, asset_partitions, purge_runs
 from energy_pipeline.resources import PostgresResource
-from energy_pipeline.retention import LOCK_TIMEOUT_MS, RetentionReport, horizons, run_retention
+from energy_pipeline.retention import (
+    LOCK_TIMEOUT_MS,
+    RetentionReport,
+    horizons,
+    run_retention,
+    validate_horizons,
+)
 from energy_pipeline.scheduling import partitions_start
 
 
@@ -77,6 +84,15 @@ def _repository(context: dg.AssetExecutionContext) -> dg.RepositoryDefinition:
         ) from None
 
 
+def _validated(settings: RetentionSettings) -> RetentionSettings:
+    """The settings, if no horizon reaches into data the pipeline may still recompute."""
+    try:
+        validate_horizons(settings)
+    except ConfigError as exc:
+        raise dg.Failure(f"retention refuses its settings, nothing was removed: {exc}") from None
+    return settings
+
+
 @dg.asset(group_name="retention", kinds={"postgres"})
 def retention(
     context: dg.AssetExecutionContext,
@@ -85,7 +101,9 @@ def retention(
 ) -> dg.MaterializeResult:
     """Day partitions and rows past their horizon removed, and Dagster runs older than the minute
     partition window purged (except those partition status rests on)."""
-    s = retention_settings
+    # Everything that can refuse is resolved before anything is removed.
+    s = _validated(retention_settings)
+    partitions = asset_partitions(_repository(context))
     now = datetime.now(UTC)
     with postgres.connect() as conn:
         report = run_retention(
@@ -97,7 +115,7 @@ def retention(
         )
     purge = purge_runs(
         context.instance,
-        asset_partitions(_repository(context)),
+        partitions,
         partitions_start(now, s.raw_retention_days),
         now,
     )
