@@ -8,7 +8,7 @@ import os
 import sys
 from datetime import UTC, datetime
 
-from energy_pipeline.config import Settings
+from energy_pipeline.config import Settings, validate_dagster_pg_url
 from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident
 from energy_pipeline.retention import format_report, run_retention_for
 from energy_pipeline.scheduling import partitions_start
@@ -81,6 +81,13 @@ def _database_bytes(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
+def _dagster_dsn(settings: Settings) -> str:
+    """DAGSTER_PG_URL as psycopg reads it (dagster.yaml's `postgresql+psycopg2://` dropped), for
+    measuring Dagster's database; a clear ConfigError if it is not such a URL."""
+    url = validate_dagster_pg_url("DAGSTER_PG_URL", settings.dagster_pg_url)
+    return "postgresql://" + url.removeprefix("postgresql+psycopg2://")
+
+
 def _purge_dagster(settings: Settings, now: datetime, *, dry_run: bool) -> str:
     if not os.environ.get("DAGSTER_HOME"):
         return "Dagster runs: skipped (DAGSTER_HOME is not set)"
@@ -106,7 +113,10 @@ def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
     from energy_pipeline.cli import _influx
 
     now = datetime.now(UTC)
-    dagster_dsn = "postgresql://" + settings.dagster_pg_url.split("://", 1)[1]
+    # Dagster's database is only read when its runs are purged; its URL is checked before
+    # anything is removed.
+    with_dagster = not args.no_dagster and bool(os.environ.get("DAGSTER_HOME"))
+    dagster_dsn = _dagster_dsn(settings) if with_dagster else ""
     before = _database_bytes(settings.pg_dsn)
     with connect(settings.pg_dsn) as conn:
         report = run_retention_for(conn, settings, now, dry_run=args.dry_run)
@@ -115,7 +125,7 @@ def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
     _say(f"database size (energy): {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
     if not args.no_dagster:
         _say(_purge_dagster(settings, now, dry_run=args.dry_run))
-        if os.environ.get("DAGSTER_HOME"):
+        if with_dagster:
             _say(f"database size (dagster): {_database_bytes(dagster_dsn) / 1e6:.1f} MB")
     if args.apply_influx_policy:
         _say(apply_influx_policy(settings, _influx(settings), dry_run=args.dry_run))

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from energy_pipeline import cli, retention
+from energy_pipeline import cli, retention, retention_cli
 from energy_pipeline.config import ConfigError, Settings, dagster_storage_url
 from energy_pipeline.retention import (
     Horizon,
@@ -432,6 +432,31 @@ def test_cli_purges_dagster_runs_through_dagster_home(
     out = capsys.readouterr().out
     assert "Dagster runs created before" in out and "would delete 0" in out
     assert "database size (dagster)" in out
+
+
+def test_cli_reads_dagsters_url_only_for_dagster_and_checks_it_first(
+    settings, tmp_path, monkeypatch, capsys
+):
+    old_day = datetime.now(UTC).date() - timedelta(days=40)
+    with connect(settings.pg_dsn) as conn:
+        create_partitions(conn, "device_rollup_1m", old_day, old_day)
+    _cli_env(monkeypatch, settings, tmp_path)
+    odd = replace(settings, dagster_pg_url="dagster-db")  # no scheme at all
+    parser = cli.build_parser()
+
+    # Dagster on: the URL is refused by name before anything is removed.
+    with pytest.raises(ConfigError, match="DAGSTER_PG_URL must start with postgresql"):
+        retention_cli.cmd_retention(parser.parse_args(["retention"]), odd)
+    with connect(settings.pg_dsn) as conn:
+        assert old_day in _partition_days(conn, "device_rollup_1m")
+
+    # --no-dagster never reads it.
+    args = parser.parse_args(["retention", "--no-dagster"])
+    assert retention_cli.cmd_retention(args, odd) == 0
+    out = capsys.readouterr().out
+    assert "removed: 1 partitions" in out and "Dagster" not in out
+    with connect(settings.pg_dsn) as conn:
+        assert old_day not in _partition_days(conn, "device_rollup_1m")
 
 
 def test_cli_reports_a_refused_horizon_clearly(settings, monkeypatch, capsys):
