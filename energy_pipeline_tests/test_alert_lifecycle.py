@@ -5,19 +5,26 @@ notify only open episodes, silences that suppress and record."""
 from __future__ import annotations
 
 import threading
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from energy_pipeline.alerts.evaluate import evaluate_window
 from energy_pipeline.alerts.lifecycle import (
     CATCH_UP,
     CATCH_UP_OPENED,
+    MAX_WAIT,
+    Episode,
+    Event,
     Outcome,
     add_silence,
     apply_windows,
     history,
+    idempotency_key,
 )
 from energy_pipeline.alerts.rules import Rule, apply_rules, parse_rules
 from energy_pipeline.storage import connect
@@ -298,9 +305,11 @@ def test_a_range_that_resolves_and_reopens_an_episode_opened_before_it(pg_dsn):
     minutes = [start + timedelta(minutes=i) for i in range(5)]
     with connect(pg_dsn) as conn:
         rules = setup_rules(conn, rules_text)
-        for m, watts in zip(minutes, [2000.0, 2000.0, 10.0, 2000.0, 2000.0], strict=True):
+        draws = zip(minutes, [2000.0, 2000.0, 10.0, 2000.0, 2000.0], strict=True)
+        for i, (m, watts) in enumerate(draws):
             put_minute(conn, m, {"d1": watts}, HOUSEHOLDS)
-        run_minutes(conn, rules, minutes[:1], datetime.now(UTC))  # opened and notified
+            if i == 0:  # opened and notified before the later minutes are rolled up
+                run_minutes(conn, rules, minutes[:1], datetime.now(UTC))
         outcome = run_minutes(conn, rules, minutes[1:], datetime.now(UTC))  # catch-up
         assert [(e[2], e[3], e[4]) for e in episodes(conn)] == [
             ("resolved", minutes[0], minutes[2]),
@@ -309,3 +318,100 @@ def test_a_range_that_resolves_and_reopens_an_episode_opened_before_it(pg_dsn):
         # the notified episode's resolution and the new open episode are sent
         assert (outcome.opened, outcome.resolved, outcome.suppressed) == (1, 1, 0)
         assert [r[1] for r in outbox(conn)] == ["firing", "resolved", "firing"]
+
+
+def _state(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
+    return episodes(conn), outbox(conn)
+
+
+def _wipe(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "TRUNCATE energy.alerts, energy.alert_outbox, energy.alert_pending, "
+        "energy.alert_evaluations, energy.rollup_minutes, energy.device_rollup_1m CASCADE"
+    )
+    conn.commit()
+
+
+def test_windows_finished_out_of_order_give_the_episodes_and_outbox_of_in_order(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 2")
+    start = a_minute(20)
+    minutes = [start + timedelta(minutes=i) for i in range(5)]
+    # d1: pending at 1, firing at 2, resolved at 3, pending again at 4
+    draws = dict(zip(minutes, [500.0, 1500.0, 1500.0, 10.0, 1500.0], strict=True))
+    now = minutes[-1] + timedelta(minutes=2)
+
+    def finish(conn: psycopg.Connection, minute: datetime) -> Outcome:
+        put_minute(conn, minute, {"d1": draws[minute]}, HOUSEHOLDS)
+        return run_minutes(conn, rules, [minute], now)
+
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        for minute in minutes:
+            finish(conn, minute)
+        in_order = _state(conn)
+        _wipe(conn)
+        finish(conn, minutes[0])
+        # minute 2 finishes before minute 1: it waits, then minute 1's check applies both
+        assert finish(conn, minutes[2]).waiting == [minutes[2]]
+        assert finish(conn, minutes[1]).applied == [minutes[1], minutes[2]]
+        assert finish(conn, minutes[4]).applied == []
+        late = finish(conn, minutes[3])
+        assert late.applied == [minutes[3], minutes[4]]
+        assert late.given_up == []
+        assert _state(conn) == in_order
+    assert [r[1] for r in in_order[1]] == ["firing", "firing", "resolved", "resolved"]
+
+
+def test_a_window_never_rolled_up_is_given_up_after_the_bound_and_reported(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1").replace("[webhook, log]", "[log]")
+    start = a_minute(20)
+    m0, m1, m2, m3 = (start + timedelta(minutes=i) for i in range(4))
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        put_minute(conn, m0, {"d1": 10.0}, HOUSEHOLDS)
+        run_minutes(conn, rules, [m0], m0 + timedelta(minutes=2))
+        put_minute(conn, m2, {"d1": 2000.0}, HOUSEHOLDS)  # minute 1 is never rolled up
+        waiting = run_minutes(conn, rules, [m2], m2 + timedelta(minutes=2))
+        assert (waiting.applied, waiting.waiting, waiting.given_up) == ([], [m2], [])
+        assert outbox(conn) == []
+        put_minute(conn, m3, {"d1": 2000.0}, HOUSEHOLDS)
+        outcome = run_minutes(conn, rules, [m3], m2 + MAX_WAIT)
+        assert outcome.given_up == [(m1, m1)]
+        assert outcome.applied == [m2, m3]
+        assert [(r[0], r[1]) for r in outbox(conn)] == [("d1", "firing")]
+        assert episodes(conn)[0][3] == m2
+
+
+def test_an_entity_without_a_row_in_a_window_keeps_its_episode_open(pg_dsn):
+    rules_text = HOT.replace("for: 3", "for: 1").replace("[webhook, log]", "[log]")
+    start = a_minute(30)
+    minutes = [start + timedelta(minutes=i) for i in range(4)]
+    now = datetime.now(UTC)
+    with connect(pg_dsn) as conn:
+        rules = setup_rules(conn, rules_text)
+        # d1 hot, then silent for a minute (only d2 reports), hot again, then cool
+        for minute, power in zip(
+            minutes,
+            [{"d1": 2000.0}, {"d2": 10.0}, {"d1": 2000.0, "d2": 10.0}, {"d1": 10.0}],
+            strict=True,
+        ):
+            put_minute(conn, minute, power, HOUSEHOLDS)
+            run_minutes(conn, rules, [minute], now)
+        assert [(r[0], r[1]) for r in outbox(conn)] == [("d1", "firing"), ("d1", "resolved")]
+        assert [(e[1], e[2], e[3], e[4]) for e in episodes(conn)] == [
+            ("d1", "resolved", minutes[0], minutes[3])
+        ]
+
+
+@given(
+    entity=st.text(min_size=1, max_size=30),
+    started=st.datetimes(timezones=st.just(UTC)),
+    kind=st.sampled_from(["firing", "repeat", "resolved"]),
+    seq=st.integers(0, 1000),
+)
+def test_an_idempotency_key_gives_back_its_rule_and_entity(entity, started, kind, seq):
+    episode = Episode("hot.rule-1", entity, "device", started, None, None, started, started)
+    key = idempotency_key(episode, Event(episode, kind, seq, started, {}))
+    rule, quoted, rest = key.split(":", 2)
+    assert (rule, urllib.parse.unquote(quoted)) == ("hot.rule-1", entity)
+    assert rest == f"{started.isoformat()}:{kind}:{seq}"

@@ -1,10 +1,14 @@
 """Episodes: pending → firing → repeat (after the cooldown) → resolved, and their outbox rows.
 
-Windows of a grain are applied to the episodes in order, once each: a window no newer than the
-newest one applied (`energy.alert_evaluations`) changes nothing, so re-running a minute, a
-late-data recompute of an older minute, or two runs racing (serialised on an advisory lock per
-grain) never notify twice. Episode changes, pending streaks, outbox rows and the watermark are
-written in one transaction; each outbox row's idempotency key is unique as well.
+Windows of a grain are applied to the episodes in time order, once each: a window no newer than
+the newest one applied (`energy.alert_evaluations`, the watermark) changes nothing, so re-running a
+minute, a late-data recompute of an older minute, or two runs racing (serialised on an advisory
+lock per grain) never notify twice. The watermark only moves over contiguous windows: a window
+whose older neighbour is not rolled up yet waits (it is not applied); the run of that older window
+then applies it too, from its stored rows, in order. A missing window older than `MAX_WAIT` is
+given up (skipped, and reported) so a hole that is never repaired does not hold alerts back.
+Episode changes, pending streaks, outbox rows and the watermark are written in one transaction;
+each outbox row's idempotency key is unique as well.
 
 A range of windows (a catch-up run) is applied window by window, but only episodes still open at
 its end are notified: notifications of an episode opened and resolved inside the range, repeats
@@ -14,6 +18,7 @@ No Dagster here.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +28,7 @@ import polars as pl
 import psycopg
 from psycopg.types.json import Jsonb
 
-from energy_pipeline.alerts.evaluate import GRAIN_STEP, WindowEvaluation
+from energy_pipeline.alerts.evaluate import GRAIN_STEP, WindowEvaluation, evaluate_window
 from energy_pipeline.alerts.rules import ANOMALY_OPERATOR, Rule
 
 CATCH_UP = "catch-up: episode opened and resolved within the evaluated range"
@@ -31,6 +36,14 @@ CATCH_UP_REPEAT = "catch-up: superseded by a later repeat in the evaluated range
 CATCH_UP_OPENED = "catch-up: the episode opened in the evaluated range; its firing notice stands"
 
 Key = tuple[str, str]
+# How long after its close a window that is not rolled up holds back the newer ones.
+MAX_WAIT = timedelta(minutes=10)
+# Where each grain records its rolled-up windows.
+_READY = {
+    "1m": "SELECT bucket FROM energy.rollup_minutes WHERE bucket >= %s",
+    "5m": "SELECT bucket FROM energy.rollup_windows "
+    "WHERE grain = 'household_rollup_5m' AND bucket >= %s",
+}
 
 
 @dataclass
@@ -73,6 +86,10 @@ class Outcome:
 
     applied: list[datetime] = field(default_factory=list)
     skipped: list[datetime] = field(default_factory=list)
+    # Windows of the run not applied yet: an older window is still to be rolled up.
+    waiting: list[datetime] = field(default_factory=list)
+    # (first, last) of each run of missing windows given up after `MAX_WAIT`.
+    given_up: list[tuple[datetime, datetime]] = field(default_factory=list)
     watermark: datetime | None = None
     opened: int = 0
     repeated: int = 0
@@ -149,9 +166,13 @@ def _step(state: _State, rules: dict[str, Rule], ev: WindowEvaluation) -> None:
         return
     values = _values_of(ev, cleared)
     for key in cleared:
+        # No value (the entity sent nothing in this window): the episode stays open; silence
+        # is the deadman rule's business.
+        if values.get(key, {}).get("value") is None:
+            continue
         episode = state.open.pop(key)
         episode.resolved_at, episode.changed = window, True
-        result = values.get(key, {"value": None})
+        result = values[key]
         state.closed.append(episode)
         state.events.append(Event(episode, "resolved", 0, window, result))
 
@@ -275,6 +296,13 @@ def payload(rule: Rule, event: Event, grain: str) -> dict[str, Any]:
     return data
 
 
+def idempotency_key(ep: Episode, event: Event) -> str:
+    """rule:entity:start:kind:seq, rule and entity percent-encoded so no ':' of theirs can make
+    two different pairs share a key; plain ids read as they are."""
+    rule, entity = (urllib.parse.quote(part, safe="") for part in (ep.rule_id, ep.entity))
+    return f"{rule}:{entity}:{ep.started_at.isoformat()}:{event.kind}:{event.seq}"
+
+
 _OUTBOX_COLUMNS = (
     "idempotency_key, alert_id, rule_id, entity, channel, kind, payload, suppressed, "
     "next_attempt_at"
@@ -296,7 +324,7 @@ def _write_outbox(
         ep, rule = event.episode, rules[event.episode.rule_id]
         reason = event.suppressed or _silence(silences, ep.rule_id, ep.entity)
         body = Jsonb(payload(rule, event, grain))
-        key = f"{ep.rule_id}:{ep.entity}:{ep.started_at.isoformat()}:{event.kind}:{event.seq}"
+        key = idempotency_key(ep, event)
         for channel in rule.channels:
             rows.append((f"{key}:{channel}", ep.alert_id, ep.rule_id, ep.entity, channel,
                          event.kind, body, reason, now))  # fmt: skip
@@ -323,16 +351,50 @@ def _write_outbox(
     return to_send, suppressed
 
 
+def _plan(
+    cur: psycopg.Cursor,
+    grain: str,
+    watermark: datetime | None,
+    given: list[datetime],
+    now: datetime,
+    max_wait: timedelta,
+) -> tuple[list[datetime], list[tuple[datetime, datetime]]]:
+    """The windows to apply now, in order, and the runs of missing windows given up.
+
+    From the watermark on, every window is either one of the run's (`given`), rolled up before
+    (stored), or missing; the plan stops at the first missing window younger than `max_wait`.
+    """
+    step = GRAIN_STEP[grain]
+    first = watermark + step if watermark else min(given)
+    cur.execute(_READY[grain], (first,))
+    candidates = sorted({*given, *(row[0] for row in cur.fetchall())})
+    plan: list[datetime] = []
+    given_up: list[tuple[datetime, datetime]] = []
+    cursor = first
+    for window in candidates:
+        if window > cursor:  # windows cursor … window - step are missing
+            if window + max_wait > now:
+                break
+            given_up.append((cursor, window - step))
+        plan.append(window)
+        cursor = window + step
+    return plan, given_up
+
+
 def apply_windows(
     conn: psycopg.Connection,
     rules: Sequence[Rule],
     evaluations: Sequence[WindowEvaluation],
     now: datetime,
+    *,
+    max_wait: timedelta = MAX_WAIT,
 ) -> Outcome:
     """Apply the evaluated windows of one grain to the episodes, in order, in one transaction.
 
-    Windows no newer than the grain's watermark are skipped. With more than one window applied,
-    only episodes open at the end are notified (the others' rows are written suppressed).
+    Windows no newer than the grain's watermark are skipped. Windows after a missing one wait
+    (see the module's docstring); stored windows that waited for these are evaluated and applied
+    after them. With more than one window in the run, only episodes open at the end are notified
+    (the others' rows are written suppressed).
     """
     outcome = Outcome()
     if not evaluations:
@@ -340,21 +402,26 @@ def apply_windows(
     grain = evaluations[0].grain
     by_id = {r.rule_id: r for r in rules if r.window_size == grain}
     rule_ids = sorted(by_id)
+    given = {e.start: e for e in evaluations}
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (grain_lock(grain),))
         cur.execute("SELECT last_bucket FROM energy.alert_evaluations WHERE grain = %s", (grain,))
         row = cur.fetchone()
         watermark = row[0] if row else None
-        todo = sorted(evaluations, key=lambda e: e.start)
-        outcome.skipped = [e.start for e in todo if watermark and e.start <= watermark]
-        todo = [e for e in todo if not (watermark and e.start <= watermark)]
         outcome.watermark = watermark
-        if not todo:
+        outcome.skipped = sorted(w for w in given if watermark and w <= watermark)
+        newer = [w for w in given if not (watermark and w <= watermark)]
+        if not newer:
+            return outcome
+        plan, outcome.given_up = _plan(cur, grain, watermark, newer, now, max_wait)
+        outcome.waiting = sorted(set(newer) - set(plan))
+        if not plan:
             return outcome
         state = _load_state(cur, rule_ids)
-        for ev in todo:
+        for window in plan:
+            ev = given.get(window) or evaluate_window(conn, rules, grain, window)
             _step(state, by_id, ev)
-        if len(todo) > 1:
+        if len(evaluations) > 1:
             _catch_up(state)
         episodes = [*state.open.values(), *state.closed]
         _write_episodes(cur, episodes, grain)
@@ -364,10 +431,10 @@ def apply_windows(
             "INSERT INTO energy.alert_evaluations (grain, last_bucket, evaluated_at) "
             "VALUES (%s, %s, %s) ON CONFLICT (grain) DO UPDATE SET "
             "last_bucket = EXCLUDED.last_bucket, evaluated_at = EXCLUDED.evaluated_at",
-            (grain, todo[-1].start, now),
+            (grain, plan[-1], now),
         )
-    outcome.applied = [e.start for e in todo]
-    outcome.watermark = todo[-1].start
+    outcome.applied = plan
+    outcome.watermark = plan[-1]
     kinds = [e.kind for e in state.events if not e.suppressed]
     outcome.opened, outcome.repeated = kinds.count("firing"), kinds.count("repeat")
     outcome.resolved = kinds.count("resolved")

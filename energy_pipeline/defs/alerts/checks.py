@@ -19,7 +19,7 @@ from energy_pipeline.alerts.channels import AlertChannelsResource
 from energy_pipeline.alerts.contracts import ContractResult, check_contract
 from energy_pipeline.alerts.delivery import deliver_pending
 from energy_pipeline.alerts.evaluate import GRAIN_STEP, WindowEvaluation, evaluate_window
-from energy_pipeline.alerts.lifecycle import Outcome, apply_windows
+from energy_pipeline.alerts.lifecycle import MAX_WAIT, Outcome, apply_windows
 from energy_pipeline.alerts.rules import enabled_rules
 from energy_pipeline.defs.hierarchy.assets import household_rollup_5m
 from energy_pipeline.defs.hierarchy.partitions import FIVE_MINUTE_PARTITIONS
@@ -57,7 +57,16 @@ def _firing(ev: WindowEvaluation) -> dict[str, dg.MetadataValue]:
     }
 
 
+def _given_up(outcome: Outcome) -> list[str]:
+    return [f"{first:%Y-%m-%d %H:%M}..{last:%Y-%m-%d %H:%M}" for first, last in outcome.given_up]
+
+
 def _summary(outcome: Outcome, windows: int) -> str:
+    if outcome.waiting and not outcome.applied:
+        return (
+            f"{len(outcome.waiting)} window(s) wait for an older window still to be rolled up "
+            "(its run applies them)"
+        )
     if not outcome.applied:
         return (
             "windows already applied to the episodes (newest "
@@ -114,6 +123,11 @@ def evaluate_rules(
         rules = enabled_rules(conn, grain)
         evaluations = [evaluate_window(conn, rules, grain, w) for w in windows]
         outcome = apply_windows(conn, rules, evaluations, now)
+    if outcome.given_up:
+        context.log.warning(
+            f"{ALERT_RULES[grain]}: windows never rolled up were skipped after waiting "
+            f"{MAX_WAIT}: {', '.join(_given_up(outcome))}"
+        )
     seconds = (datetime.now(UTC) - now).total_seconds()
     delivery = _deliver(context, postgres, alert_channels, outcome)
     summary = _summary(outcome, len(windows))
@@ -130,6 +144,8 @@ def evaluate_rules(
                 **_firing(ev),
                 "rules_enabled": len(rules),
                 "applied_to_episodes": ev.start in outcome.applied,
+                "waiting_for_older_window": ev.start in outcome.waiting,
+                "missing_windows_skipped": dg.MetadataValue.json(_given_up(outcome)),
                 "summary": summary,
                 "delivery": delivery,
                 "run_seconds_evaluating": round(seconds, 3),
