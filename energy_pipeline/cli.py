@@ -11,7 +11,14 @@ import traceback
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from energy_pipeline.config import PROJECT_ROOT, ConfigError, Settings, dsn_secrets, scrub
+from energy_pipeline.config import (
+    ALERT_SECRET_VARIABLES,
+    PROJECT_ROOT,
+    ConfigError,
+    Settings,
+    dsn_secrets,
+    scrub,
+)
 from energy_pipeline.devtools.services import LocalInflux, LocalPostgres, ServiceError
 from energy_pipeline.influx import InfluxClient, InfluxError
 from energy_pipeline.storage import StorageError, connect, redact_dsn
@@ -464,6 +471,9 @@ def _env_secrets() -> set[str]:
     for name in ("ENERGY_PG_DSN", "DAGSTER_PG_URL", "INFLUXDB_URL"):
         found |= dsn_secrets(os.environ.get(name, ""))
     found |= {os.environ.get(n, "") for n in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD")}
+    found |= {os.environ.get(n, "") for n in ALERT_SECRET_VARIABLES}
+    webhook = os.environ.get("ALERT_WEBHOOK_URL", "")
+    found |= dsn_secrets(webhook) | {webhook.partition("?")[2]}
     return {s for s in found if s}
 
 

@@ -319,6 +319,12 @@ class Settings:
             # A URL is a secret only when it carries userinfo.
             env_secrets=frozenset(
                 k for k in SECRET_VARIABLES if env.get(k) and (k != "INFLUXDB_URL" or "@" in env[k])
+            )
+            # A webhook URL carrying userinfo or a query string (often a token) is one too.
+            | (
+                {"ALERT_WEBHOOK_URL"}
+                if {"@", "?"} & set(env.get("ALERT_WEBHOOK_URL") or "")
+                else frozenset()
             ),
         )
         if settings.raw_retention_days * 1440 > 95_000:

@@ -56,7 +56,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         ),
         "minute_runs": MinuteRunSettings(chunk_minutes=settings.chunk_minutes),
         "alert_channels": AlertChannelsResource(
-            webhook_url=settings.alert_webhook_url or None,
+            webhook_url=_secret(settings, "ALERT_WEBHOOK_URL", settings.alert_webhook_url) or None,
             webhook_secret=_optional_secret(settings, "ALERT_WEBHOOK_SECRET"),
             slack_webhook_url=_optional_secret(settings, "ALERT_SLACK_WEBHOOK_URL"),
             smtp_host=settings.alert_smtp_host or None,

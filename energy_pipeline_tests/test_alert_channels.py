@@ -31,7 +31,7 @@ from energy_pipeline.alerts.channels import (
     slack_message,
     verify_signature,
 )
-from energy_pipeline.config import ConfigError, Settings
+from energy_pipeline.config import ConfigError, Settings, scrub
 from energy_pipeline.definitions import build_resources
 from energy_pipeline_tests.receivers import HttpReceiver, SmtpReceiver
 
@@ -433,3 +433,28 @@ def test_definitions_hold_the_delivery_sensor_and_the_channels_resource():
     assert sensor.minimum_interval_seconds == 15
     assert not sensor.targets  # it delivers in the tick and launches no runs
     assert isinstance(defs.resources["alert_channels"], AlertChannelsResource)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://hooks.example.org/e?token=tokSECRET9", "https://u:tokSECRET9@hooks.example.org/e"],
+)
+def test_a_webhook_url_carrying_a_token_reaches_the_resource_as_an_env_var(url):
+    settings = Settings.from_env({**ALERT_ENV, "ALERT_WEBHOOK_URL": url})
+    resource = build_resources(settings)["alert_channels"]
+    assert isinstance(resource, AlertChannelsResource)
+    assert isinstance(resource.webhook_url, dg.EnvVar)
+    assert resource.webhook_url.env_var_name == "ALERT_WEBHOOK_URL"
+    assert "tokSECRET9" not in repr(resource)
+
+
+def test_cli_tracebacks_are_scrubbed_of_the_alert_secrets(monkeypatch):
+    from energy_pipeline.cli import _env_secrets
+
+    env = {**ALERT_ENV, "ALERT_WEBHOOK_URL": "https://hooks.example.org/e?token=tokSECRET9"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    text = scrub(f"failed: {' '.join(env.values())}", _env_secrets())
+    for secret in ("whsec-env-77", "xyzSECRET", "smtp-env-pw", "tokSECRET9"):
+        assert secret not in text, secret
+    assert "hooks.example.org/e" in text  # the rest of the URL stays readable
