@@ -27,8 +27,19 @@ from energy_pipeline.defs.reports.sensors import ORIGIN, ORIGIN_TAG, build_repor
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
 from energy_pipeline.reports import tariffs
-from energy_pipeline.reports.compute import compute_reports, kwh_checks, replace_day, zone_notes
-from energy_pipeline.reports.planning import DayRun, ReportDayState, plan_report_days
+from energy_pipeline.reports.compute import (
+    compute_reports,
+    day_span,
+    kwh_checks,
+    replace_day,
+    zone_notes,
+)
+from energy_pipeline.reports.planning import (
+    DayRun,
+    ReportDayState,
+    plan_report_days,
+    report_day_states,
+)
 from energy_pipeline.resources import PostgresResource
 from energy_pipeline_tests.conftest import TEMPLATE_DB
 from energy_pipeline_tests.helpers import close
@@ -556,6 +567,58 @@ def test_sensor_requests_due_days_then_only_recomputed_ones(
     again = {r.partition_key: r.run_key for r in tick()}
     assert "2026-03-29" in again
     assert again["2026-03-29"] != next(r.run_key for r in first if r.partition_key == "2026-03-29")
+
+
+def recompute_window(conn: psycopg.Connection, start: datetime) -> None:
+    """Roll one 5-minute window up again now, as late data would."""
+    replace_windows(conn, HOUSEHOLD_5M, start, start + timedelta(minutes=5), datetime.now(UTC))
+
+
+def is_stale(conn: psycopg.Connection, day: date) -> bool:
+    (s,) = report_day_states(conn, day, day)
+    return s.stale
+
+
+def test_live_windows_after_the_last_zone_closes_do_not_make_a_day_stale(conn):
+    # Day D is due at D+1 12:30 and reads nothing after D+1 12:00 UTC (UTC-12's midnight):
+    # the 5-minute windows rolled up from then on must not re-request it.
+    replace_day(conn, DST_DAY, datetime(2026, 3, 31, tzinfo=UTC))
+    assert not is_stale(conn, DST_DAY)
+    closed = datetime(2026, 3, 30, 12, tzinfo=UTC)
+    for start in (closed, closed + timedelta(minutes=30), closed + timedelta(minutes=55)):
+        recompute_window(conn, start)
+        assert not is_stale(conn, DST_DAY), start
+    # Before the span too: UTC+14's trailing week starts at D-8 10:00 UTC.
+    recompute_window(conn, datetime(2026, 3, 21, 9, 55, tzinfo=UTC))
+    assert not is_stale(conn, DST_DAY)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        datetime(2026, 3, 29, 10, tzinfo=UTC),  # inside every zone's day
+        datetime(2026, 3, 30, 11, 55, tzinfo=UTC),  # UTC-12's last window of D
+        datetime(2026, 3, 28, 10, tzinfo=UTC),  # UTC+14's first window of D
+        datetime(2026, 3, 21, 10, tzinfo=UTC),  # UTC+14's first window of the trailing week
+    ],
+)
+def test_a_changed_window_the_day_reads_makes_it_stale(conn, window):
+    replace_day(conn, DST_DAY, datetime(2026, 3, 31, tzinfo=UTC))
+    recompute_window(conn, window)
+    assert is_stale(conn, DST_DAY)
+    replace_day(conn, DST_DAY, datetime(2026, 3, 31, 1, tzinfo=UTC))
+    assert not is_stale(conn, DST_DAY)
+
+
+@pytest.mark.parametrize("day", [DST_DAY, date(2026, 10, 25), date(2026, 7, 1)])
+def test_day_span_holds_every_postgres_zone_day_exactly(conn, day):
+    # The span the stamp covers is the union of day D over every zone PostgreSQL knows.
+    first, last = conn.execute(
+        "SELECT min(%(d)s::date::timestamp AT TIME ZONE name), "
+        "max((%(d)s::date + 1)::timestamp AT TIME ZONE name) FROM pg_timezone_names",
+        {"d": day},
+    ).fetchone()
+    assert (first, last) == day_span(day)
 
 
 # --- The planner (pure) ------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from psycopg.rows import dict_row
 
 REPORT_TABLE = "household_daily_report"
 TRAILING_DAYS = 7
-# Every real zone's local day D lies inside [D - 14 h, D + 1 day + 12 h) UTC; the margins are wider.
-SPAN_BEFORE = timedelta(days=1)
-SPAN_AFTER = timedelta(days=2)
+# Every zone's local day D lies inside [D - 14 h, D + 1 day + 12 h) UTC: it starts first at
+# UTC+14 and ends last at UTC-12. A report of day D reads nothing outside that span but its
+# trailing week, the same span 7 days earlier.
+SPAN_BEFORE = timedelta(hours=14)
+SPAN_AFTER = timedelta(days=1, hours=12)
 # Relative tolerance of the kWh check: the same doubles summed in another order.
 KWH_REL_TOLERANCE = 1e-9
 _ORIGIN = "2000-01-01 00:00:00+00"
@@ -283,7 +285,7 @@ class KwhCheck:
 
 
 def day_span(day: date) -> tuple[datetime, datetime]:
-    """UTC instants holding local day `day` of every zone (with margins)."""
+    """UTC instants holding local day `day` of every zone, exactly (UTC+14 to UTC-12)."""
     midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
     return midnight - SPAN_BEFORE, midnight + SPAN_AFTER
 

@@ -2,9 +2,10 @@
 query it reads. No Dagster here.
 
 A day D is due once the last zone's local day D has closed (UTC-12: D+1 12:00 UTC) plus a settle
-time. It is computed again whenever a 5-minute window it read (its own span or its trailing week)
-was recomputed since: `report_days.source_computed_at` then differs from the windows' newest
-`computed_at`.
+time. It is computed again whenever a 5-minute window it read (every zone's local day D, from
+UTC+14's start to UTC-12's end, or the trailing week before it) was recomputed since:
+`report_days.source_computed_at` then differs from the windows' newest `computed_at`. Windows
+after D+1 12:00 UTC are not read, so new live windows do not make D stale.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from datetime import UTC, date, datetime, time, timedelta
 
 import psycopg
 
-from energy_pipeline.reports.compute import SPAN_BEFORE, TRAILING_DAYS
+from energy_pipeline.reports.compute import SPAN_AFTER, SPAN_BEFORE, TRAILING_DAYS
 
-# The last local day D to close is UTC-12's, at D+1 12:00 UTC.
-LAST_ZONE_CLOSES = timedelta(days=1, hours=12)
+# The last local day D to close is UTC-12's, at D+1 12:00 UTC: the end of what the day reads.
+LAST_ZONE_CLOSES = SPAN_AFTER
 
 _STATE = """
 SELECT d::date,
        (SELECT max(w.computed_at) FROM energy.rollup_windows w
         WHERE w.grain = 'household_rollup_5m'
-          AND w.bucket >= d - %(before)s AND w.bucket < d + interval '2 days'),
+          AND w.bucket >= d - %(before)s AND w.bucket < d + %(after)s),
        r.day IS NOT NULL, r.source_computed_at
 FROM generate_series(%(first)s::date, %(last)s::date, interval '1 day') AS d
 LEFT JOIN energy.report_days r ON r.day = d::date
@@ -71,6 +72,7 @@ def report_day_states(conn: psycopg.Connection, first: date, last: date) -> list
         "first": first,
         "last": last,
         "before": SPAN_BEFORE + timedelta(days=TRAILING_DAYS),
+        "after": SPAN_AFTER,
     }
     return [ReportDayState(*row) for row in conn.execute(_STATE, params).fetchall()]
 
