@@ -308,10 +308,8 @@ def test_a_reader_holding_an_old_partition_makes_retention_fail_clearly_not_hang
     assert report.tables["device_rollup_1m"].partitions_dropped
 
 
-def test_alert_history_loses_old_resolved_episodes_with_their_outbox_rows(pg_dsn):
+def test_alert_history_loses_old_resolved_episodes_outbox_rows_and_silences(pg_dsn):
     with connect(pg_dsn) as conn:
-        if not retention.table_exists(conn, "alert_outbox"):
-            pytest.skip("the alerts migration (energy.alerts, energy.alert_outbox) is not here")
         conn.execute(
             "INSERT INTO energy.alert_rules (rule_id, name, kind, scope, metric, window_size, "
             "operator, threshold, severity, channels, spec) VALUES ('r1', 'r1', 'threshold', "
@@ -336,24 +334,43 @@ def test_alert_history_loses_old_resolved_episodes_with_their_outbox_rows(pg_dsn
                     "channel, kind, payload) VALUES (%s, %s, 'r1', %s, 'log', %s, '{}')",
                     (f"{entity}:{kind}", row[0], entity, kind),
                 )
+        # Silences: ended before the 5-day cutoff, ended since, still running.
+        for reason, until in (("old", -9), ("recent", -1), ("running", 1)):
+            conn.execute(
+                "INSERT INTO energy.alert_silences (rule_id, until, reason) VALUES ('r1', %s, %s)",
+                (NOW + timedelta(days=until), reason),
+            )
+        dry = run_retention(conn, SHORT, LATENESS, NOW, dry_run=True)
         report = run_retention(conn, SHORT, LATENESS, NOW)  # alerts: 5 days
-        assert report.tables["alerts"].rows_removed == 1
-        assert report.tables["alert_outbox"].rows_removed == 2
+        again = run_retention(conn, SHORT, LATENESS, NOW)
+        for table, removed in (("alerts", 1), ("alert_outbox", 2), ("alert_silences", 1)):
+            assert dry.tables[table].rows_removed == report.tables[table].rows_removed == removed
+            assert again.tables[table].rows_removed == 0
         left = conn.execute("SELECT entity FROM energy.alerts ORDER BY entity").fetchall()
         assert left == [("open",), ("recent",)]
         outbox = conn.execute("SELECT count(*) FROM energy.alert_outbox").fetchone()
         assert outbox == (3,)
+        silences = conn.execute("SELECT reason FROM energy.alert_silences ORDER BY reason")
+        assert silences.fetchall() == [("recent",), ("running",)]
 
 
-def test_tables_not_there_yet_are_skipped_with_a_note(pg_dsn):
+def test_daily_reports_older_than_their_horizon_go_and_zero_keeps_them(pg_dsn):
     with connect(pg_dsn) as conn:
-        conn.execute("DROP TABLE IF EXISTS energy.alert_outbox, energy.alerts CASCADE")
-        conn.execute("DROP TABLE IF EXISTS energy.household_daily_report CASCADE")
+        for age in (9, 4, 2, 0):
+            day = NOW.date() - timedelta(days=age)
+            conn.execute(
+                "INSERT INTO energy.household_daily_report (household_id, day, timezone, "
+                "day_start, day_end, energy_kwh, minutes_covered, minutes_expected, "
+                "generated_at) VALUES ('h1', %s, 'UTC', %s, %s, 1, 1440, 1440, %s)",
+                (day, retention.day_start(day), retention.day_start(day) + retention.DAY, NOW),
+            )
+        kept = run_retention(conn, SHORT, LATENESS, NOW)  # reports: 0, kept forever
+        assert kept.tables["household_daily_report"].rows_removed == 0
         horizons = (*SHORT[:4], Horizon("household_daily_report", 3, "X"), SHORT[5])
         report = run_retention(conn, horizons, LATENESS, NOW)
-    assert report.tables["alerts"].note.startswith("skipped: table not present yet")
-    assert report.tables["household_daily_report"].note.startswith("skipped: table not present")
-    assert "skipped" in format_report(report)
+        assert report.tables["household_daily_report"].rows_removed == 2
+        days = conn.execute("SELECT day FROM energy.household_daily_report ORDER BY day")
+        assert [d for (d,) in days] == [NOW.date() - timedelta(days=a) for a in (2, 0)]
 
 
 def test_quarantine_is_removed_in_batches(filled, pg_dsn):

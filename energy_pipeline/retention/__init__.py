@@ -5,7 +5,7 @@ rows in the same transaction as the DROP); smaller tables lose rows in batches. 
 the lateness window is ever removed, whatever the horizon says. No Dagster here.
 """
 
-from energy_pipeline.retention.catalog import DayPartition, day_partitions, table_exists
+from energy_pipeline.retention.catalog import DayPartition, day_partitions
 from energy_pipeline.retention.plan import (
     DAY,
     PARTITIONED_TABLES,
@@ -55,6 +55,5 @@ __all__ = [
     "minute_window_days",
     "run_retention",
     "run_retention_for",
-    "table_exists",
     "validate_horizons",
 ]

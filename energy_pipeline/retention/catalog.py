@@ -1,5 +1,5 @@
 """What the catalog says about the tables retention works on: day partitions in every state,
-sizes, columns, ownership."""
+sizes, ownership."""
 
 from __future__ import annotations
 
@@ -58,20 +58,6 @@ def relation_bytes(conn: psycopg.Connection, names: Sequence[str]) -> int:
         (list(names),),
     ).fetchone()
     return int(row[0]) if row else 0
-
-
-def table_exists(conn: psycopg.Connection, table: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"energy.{table}",)).fetchone()
-    return bool(row and row[0])
-
-
-def columns(conn: psycopg.Connection, table: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns "
-        "WHERE table_schema = 'energy' AND table_name = %s",
-        (table,),
-    ).fetchall()
-    return {r[0] for r in rows}
 
 
 def check_owner(conn: psycopg.Connection, table: str) -> None:

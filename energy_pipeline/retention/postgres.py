@@ -13,10 +13,8 @@ from psycopg import sql
 from energy_pipeline.retention.catalog import (
     DayPartition,
     check_owner,
-    columns,
     day_partitions,
     relation_bytes,
-    table_exists,
 )
 from energy_pipeline.retention.plan import (
     DAY,
@@ -214,63 +212,40 @@ def _quarantine(conn: psycopg.Connection, report: RetentionReport, cut: datetime
 
 
 def _daily_reports(conn: psycopg.Connection, report: RetentionReport, cut: datetime | None) -> None:
+    """Report rows whose local day is older than the cutoff's date."""
     table = "household_daily_report"
     t = report.table(table, cut)
-    if not table_exists(conn, table):
-        t.note = "skipped: table not present yet"
-        return
     t.bytes_before = t.bytes_after = relation_bytes(conn, [table])
     if cut is None:
-        return
-    if not {"household_id", "day"} <= columns(conn, table):
-        t.note = "skipped: no (household_id, day) columns"
         return
     t.rows_removed = delete_in_batches(
         conn, table, sql.SQL("day < %s::date"), (cut.date(),), dry_run=report.dry_run
     )
 
 
-_FOREIGN_KEY = """
-SELECT array_agg(a.attname ORDER BY k.n), array_agg(b.attname ORDER BY k.n)
-FROM pg_constraint c
-CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY AS k(src, dst, n)
-JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.src
-JOIN pg_attribute b ON b.attrelid = c.confrelid AND b.attnum = k.dst
-WHERE c.contype = 'f' AND c.conrelid = 'energy.alert_outbox'::regclass
-  AND c.confrelid = 'energy.alerts'::regclass
-GROUP BY c.oid
-LIMIT 1
-"""
+# Alert history past the horizon: resolved episodes, their outbox rows first (foreign key), and
+# silences that ended before the cutoff (open episodes and running silences always stay).
+_OLD_ALERTS = sql.SQL("state = 'resolved' AND resolved_at < %s")
+_ALERT_HISTORY: tuple[tuple[str, sql.Composable], ...] = (
+    (
+        "alert_outbox",
+        sql.SQL("alert_id IN (SELECT alert_id FROM energy.alerts WHERE {})").format(_OLD_ALERTS),
+    ),
+    ("alerts", _OLD_ALERTS),
+    ("alert_silences", sql.SQL("until < %s")),
+)
 
 
 def _alerts(conn: psycopg.Connection, report: RetentionReport, cut: datetime | None) -> None:
-    """Resolved alert episodes older than the horizon, and their outbox rows first."""
-    t = report.table("alerts", cut)
-    if not table_exists(conn, "alerts"):
-        t.note = "skipped: table not present yet (alerts migration not applied)"
-        return
-    t.bytes_before = t.bytes_after = relation_bytes(conn, ["alerts"])
-    if cut is None:
-        return
-    if not {"state", "resolved_at"} <= columns(conn, "alerts"):
-        t.note = "skipped: no state/resolved_at columns"
-        return
-    old = sql.SQL("state = 'resolved' AND resolved_at < %s")
-    if table_exists(conn, "alert_outbox"):
-        fk = conn.execute(_FOREIGN_KEY).fetchone()
-        if not fk:
-            t.note = "skipped: alert_outbox has no foreign key to alerts"
-            return
-        src, dst = fk
-        o = report.table("alert_outbox", cut)
-        o.bytes_before = o.bytes_after = relation_bytes(conn, ["alert_outbox"])
-        match = sql.SQL("({}) IN (SELECT {} FROM energy.alerts WHERE {})").format(
-            sql.SQL(", ").join(map(_ident, src)), sql.SQL(", ").join(map(_ident, dst)), old
-        )
-        o.rows_removed = delete_in_batches(
-            conn, "alert_outbox", match, (cut,), dry_run=report.dry_run
-        )
-    t.rows_removed = delete_in_batches(conn, "alerts", old, (cut,), dry_run=report.dry_run)
+    """Resolved alert episodes older than the horizon with their outbox rows, and expired
+    silences."""
+    for table, condition in _ALERT_HISTORY:
+        t = report.table(table, cut)
+        t.bytes_before = t.bytes_after = relation_bytes(conn, [table])
+        if cut is not None:
+            t.rows_removed = delete_in_batches(
+                conn, table, condition, (cut,), dry_run=report.dry_run
+            )
 
 
 def run_retention(
