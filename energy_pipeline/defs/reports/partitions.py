@@ -2,8 +2,10 @@
 
 import dagster as dg
 
-# Reports are kept forever, so their partitions start at a fixed day: one a day stays far under
-# Dagster's advised 100,000 per asset for centuries. Days before the rollups hold data simply
+# Reports are kept forever by default (retention deletes rows older than
+# ENERGY_RETENTION_DAILY_REPORT_DAYS only when it is above 0, and then leaves the partitions
+# here), so their partitions start at a fixed day: one a day stays far under Dagster's advised
+# 100,000 per asset for centuries. Days before the rollups hold data simply
 # report no data.
 REPORT_FIRST_DAY = "2026-01-01"
 PARTITION_FMT = "%Y-%m-%d"

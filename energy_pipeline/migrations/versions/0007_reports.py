@@ -2,8 +2,9 @@
 and the per-day ledger of what each report day read.
 
 `household_daily_report` is a plain table: one row per household and local day is small (a
-thousand households make 365,000 rows a year) and reports are kept forever, so retention never
-drops its rows and day partitions would buy nothing.
+thousand households make 365,000 rows a year) and reports are kept forever by default
+(ENERGY_RETENTION_DAILY_REPORT_DAYS=0); a positive value makes retention delete the rows of older
+days in batches, so day partitions would buy nothing.
 
 Revision ID: 0007
 Revises: 0005
