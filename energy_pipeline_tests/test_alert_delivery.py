@@ -235,6 +235,23 @@ def test_after_max_attempts_a_row_is_dead_lettered_and_logged(conn, receiver, ca
     assert outbox(conn)[row_id]["delivered_at"] is not None
 
 
+def test_a_line_break_in_a_device_id_adds_no_dead_letter_log_line(conn, receiver, caplog):
+    (row_id,) = add_outbox(conn, 1)
+    forged = "dev-0\nERROR alert notification delivered: outbox_id=99"
+    conn.execute(
+        "UPDATE energy.alert_outbox SET entity = %s, idempotency_key = %s WHERE outbox_id = %s",
+        (forged, "rule-0:dev-0%0AERROR:firing", row_id),
+    )
+    receiver.statuses.append(400)  # refused: dead-lettered at once
+    with caplog.at_level(logging.ERROR, logger="energy_pipeline.alerts"):
+        stats = deliver_pending(conn, webhook(receiver), NOW)
+    assert stats.dead_lettered == 1, stats
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = error.getMessage()
+    assert "\n" not in message and "\r" not in message
+    assert repr(forged) in message  # shown escaped, not dropped
+
+
 def test_refusals_dead_letter_at_once_and_rate_limits_wait(conn, receiver):
     refused, limited = add_outbox(conn, 2)
     receiver.statuses.extend([400, 429])

@@ -31,6 +31,7 @@ from energy_pipeline.alerts.channels import (
     Notification,
     PermanentError,
     TransientError,
+    one_line,
 )
 
 LOGGER = logging.getLogger("energy_pipeline.alerts.delivery")
@@ -247,10 +248,11 @@ def _dead_letter(
     conn.execute(_DEAD_LETTER, (reason, note.outbox_id))
     letter = DeadLetter(note.outbox_id, note.channel, note.idempotency_key, attempts, reason)
     stats.dead_letters.append(letter)
+    # Ids are free text: quoted and escaped (repr), so a line break cannot forge a log line.
     message = (
         f"alert notification dead-lettered: outbox_id={note.outbox_id} channel={note.channel} "
-        f"rule={note.rule_id} entity={note.entity} kind={note.kind} "
-        f"key={note.idempotency_key} attempts={attempts}: {reason}"
+        f"rule={note.rule_id!r} entity={note.entity!r} kind={note.kind} "
+        f"key={note.idempotency_key!r} attempts={attempts}: {one_line(reason)}"
     )
     LOGGER.error(message)
     if log is not None:
