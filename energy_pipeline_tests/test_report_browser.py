@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from energy_pipeline import storage
-from energy_pipeline.reports.cli import write_atomically
 from energy_pipeline.reports.compute import replace_day
+from energy_pipeline.reports.files import write_atomically
 from energy_pipeline.reports.pages import fleet_page, household_page
 from energy_pipeline.reports.render import fleet_html, household_html
 from energy_pipeline_tests.test_reports import (  # noqa: F401 - fixtures

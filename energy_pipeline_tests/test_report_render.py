@@ -4,13 +4,17 @@ holding data, clock-change days, nothing fetched from the network."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from energy_pipeline.reports.files import write_atomically
 from energy_pipeline.reports.pages import (
     FleetPage,
     HourPoint,
@@ -176,3 +180,24 @@ def test_day_bounds_in_the_page_are_utc():
     page = household_html(HouseholdPage(report(), [], stored=True))
     assert "2026-03-28 23:00 to 2026-03-29 22:00 UTC" in page
     assert timedelta(hours=23) == report()["day_end"] - report()["day_start"]
+
+
+def test_report_asset_module_does_not_load_the_command_line():
+    # The asset writes pages through a pure module, not through the command line's.
+    code = (
+        "import sys, energy_pipeline.defs.reports.assets; "
+        "print('energy_pipeline.reports.cli' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_write_atomically_replaces_the_page_and_keeps_it_on_failure(tmp_path: Path):
+    page = tmp_path / "fleet" / "2026-03-29.html"
+    write_atomically(page, "first")
+    write_atomically(page, "second")
+    assert page.read_text() == "second"
+    with pytest.raises(TypeError):
+        write_atomically(page, None)  # type: ignore[arg-type]
+    assert page.read_text() == "second"
+    assert [p.name for p in page.parent.iterdir()] == [page.name]

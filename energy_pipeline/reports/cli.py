@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 
 from energy_pipeline.config import Settings
 from energy_pipeline.reports import tariffs
+from energy_pipeline.reports.files import write_atomically
 from energy_pipeline.reports.pages import household_page
 from energy_pipeline.reports.render import household_html
 from energy_pipeline.storage import connect
@@ -23,21 +22,6 @@ def _out(line: str) -> None:
 def _err(line: str) -> int:
     sys.stderr.write(f"energy-pipeline: {line}\n")
     return 2
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory, so a reader never
-    sees half a page and a failed write leaves the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 
 from energy_pipeline.defs.reports.partitions import DAILY_REPORT_PARTITIONS, UPSTREAM_WINDOWS
-from energy_pipeline.reports.cli import write_atomically
 from energy_pipeline.reports.compute import ReportWrite, replace_day, zone_notes
+from energy_pipeline.reports.files import write_atomically
 from energy_pipeline.reports.pages import fleet_page
 from energy_pipeline.reports.render import fleet_html, fleet_markdown, md
 from energy_pipeline.resources import PostgresResource
