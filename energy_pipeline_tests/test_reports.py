@@ -678,6 +678,26 @@ def test_plan_limits_requests_per_tick():
     assert [r.day.day for r in plan] == [20, 19, 18, 17, 16, 15, 14]
 
 
+# --- Run-state helpers shared with the hierarchy sensor ---------------------------------------
+
+
+def test_report_and_hierarchy_sensors_share_one_run_state_module():
+    from energy_pipeline.defs import runs
+    from energy_pipeline.defs.hierarchy import sensors as hierarchy_sensors
+    from energy_pipeline.defs.reports import sensors as report_sensors
+
+    for module in (hierarchy_sensors, report_sensors):
+        assert module.ORIGIN_TAG is runs.ORIGIN_TAG
+        assert module.IN_FLIGHT is runs.IN_FLIGHT and module.FAILED is runs.FAILED
+        assert module.run_time is runs.run_time
+    at = datetime(2026, 3, 29, 12, 30, tzinfo=UTC)
+    assert runs.run_time(at.timestamp()) == at
+    assert runs.run_time(at.replace(tzinfo=None)) == at  # naive means UTC
+    assert runs.run_time(at) == at and runs.run_time(None) is None
+    assert dg.DagsterRunStatus.STARTED in runs.IN_FLIGHT
+    assert dg.DagsterRunStatus.CANCELED in runs.FAILED
+
+
 # --- Command line ------------------------------------------------------------------------------
 
 

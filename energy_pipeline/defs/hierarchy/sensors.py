@@ -11,6 +11,7 @@ from energy_pipeline.defs.hierarchy.partitions import (
     HOURLY_PARTITIONS,
     PARTITION_FMT,
 )
+from energy_pipeline.defs.runs import FAILED, IN_FLIGHT, ORIGIN_TAG, run_time, utcnow
 from energy_pipeline.hierarchy import (
     DEVICE_1H,
     GRAIN_LENGTH,
@@ -23,19 +24,11 @@ from energy_pipeline.hierarchy import (
 )
 from energy_pipeline.resources import PostgresResource
 
-ORIGIN_TAG = "energy/origin"
 GRAIN_TAG = "energy/grain"
 ORIGIN = "hierarchy"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 MAX_RUNTIME_TAG = "dagster/max_runtime"
-IN_FLIGHT = [
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-FAILED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 ASSETS = {HOUSEHOLD_5M: household_rollup_5m, DEVICE_1H: device_rollup_1h}
 # One job per grain: a sensor's target must share one partitions definition. A job selecting an
 # asset runs its checks in the same run; steps run in the run's own process.
@@ -56,20 +49,8 @@ JOBS = {
 MAX_WINDOWS_PER_RUN = {HOUSEHOLD_5M: 72, DEVICE_1H: 24}
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _parse(key: str) -> datetime:
     return datetime.strptime(key, PARTITION_FMT).replace(tzinfo=UTC)
-
-
-def _at(ts: float | datetime | None) -> datetime | None:
-    if ts is None:
-        return None
-    if isinstance(ts, datetime):
-        return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-    return datetime.fromtimestamp(ts, UTC)
 
 
 def hierarchy_runs(
@@ -86,10 +67,10 @@ def hierarchy_runs(
         tags = record.dagster_run.tags
         first = tags.get(RANGE_START_TAG) or tags.get("dagster/partition")
         last = tags.get(RANGE_END_TAG) or tags.get("dagster/partition")
-        created = _at(record.create_timestamp)
+        created = run_time(record.create_timestamp)
         if not (first and last and created):
             continue
-        out.append(WindowRun(_parse(first), _parse(last), created, _at(record.end_time)))
+        out.append(WindowRun(_parse(first), _parse(last), created, run_time(record.end_time)))
     return out
 
 

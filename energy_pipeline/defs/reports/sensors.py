@@ -1,39 +1,24 @@
 """The sensor requesting each report day once every zone's day has closed, and again when a
 5-minute window it read is recomputed (late data)."""
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import dagster as dg
 
 from energy_pipeline.defs.reports.assets import household_daily_report
 from energy_pipeline.defs.reports.partitions import DAILY_REPORT_PARTITIONS, PARTITION_FMT
+from energy_pipeline.defs.runs import FAILED, IN_FLIGHT, ORIGIN_TAG, run_time, utcnow
 from energy_pipeline.reports.planning import DayRun, plan_report_days, report_day_states
 from energy_pipeline.resources import PostgresResource
 
-ORIGIN_TAG = "energy/origin"
 ORIGIN = "reports"
 PARTITION_TAG = "dagster/partition"
-IN_FLIGHT = [
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-FAILED = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 REPORT_JOB = dg.define_asset_job(
     "household_daily_report_job",
     selection=dg.AssetSelection.assets(household_daily_report),
     partitions_def=DAILY_REPORT_PARTITIONS,
     executor_def=dg.in_process_executor,
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _at(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
 def report_runs(instance: dg.DagsterInstance, statuses: list, since: datetime) -> list[DayRun]:
@@ -44,10 +29,10 @@ def report_runs(instance: dg.DagsterInstance, statuses: list, since: datetime) -
     out = []
     for record in records:
         key = record.dagster_run.tags.get(PARTITION_TAG)
-        created = _at(record.create_timestamp.timestamp())
+        created = run_time(record.create_timestamp)
         if key and created:
             day = datetime.strptime(key, PARTITION_FMT).date()
-            ended = _at(record.end_time)
+            ended = run_time(record.end_time)
             out.append(DayRun(day, created, ended))
     return out
 
