@@ -217,3 +217,86 @@ def test_cli_apply_list_test_silence_history(pg_dsn, monkeypatch, capsys, tmp_pa
         ).fetchall() == [(None, "dev-0001", "swap"), ("device-silent", None, None)]
     assert main(["alerts", "history", "--since", "1h"]) == 0
     assert "no episodes since" in capsys.readouterr().out
+
+
+ALERT_TABLES = (
+    "alert_baselines",
+    "alert_baseline_hours",
+    "alerts",
+    "alert_outbox",
+    "alert_pending",
+    "alert_evaluations",
+    "alert_silences",
+)
+
+
+def snapshot(dsn: str) -> dict[str, list]:
+    """Every row of the alert tables as text, in a stable order."""
+    with connect(dsn) as conn:
+        return {
+            t: conn.execute(f"SELECT r::text FROM energy.{t} r ORDER BY 1").fetchall()
+            for t in ALERT_TABLES
+        }
+
+
+def test_cli_test_of_an_anomaly_rule_changes_no_table(pg_dsn, monkeypatch, capsys):
+    from energy_pipeline.cli import main
+    from energy_pipeline_tests.test_alert_evaluate import a_minute, put_hours, put_minute, register
+
+    monkeypatch.setenv("ENERGY_PG_DSN", pg_dsn)
+    assert main(["alerts", "apply", str(EXAMPLE)]) == 0
+    minute = a_minute(15)
+    households = {"dev-0001": "h1"}
+    with connect(pg_dsn) as conn:
+        register(conn, households)
+        hour = minute.replace(minute=0)
+        put_hours(
+            conn, hour, {"dev-0001": [100.0, 110.0, 90.0, 105.0, 95.0, 100.0, 98.0]}, households
+        )
+        put_minute(conn, minute, {"dev-0001": 12500.0}, households)
+    before = snapshot(pg_dsn)
+    capsys.readouterr()
+    assert main(["alerts", "test", "device-draw-anomaly", "--at", minute.isoformat()]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 1 entities would be true" in out and "dev-0001" in out
+    assert snapshot(pg_dsn) == before
+    assert before["alert_baselines"] == []  # nothing was cached by the test
+
+
+def test_cli_a_time_that_does_not_parse_is_a_clear_error(pg_dsn, monkeypatch, capsys):
+    from energy_pipeline.cli import main
+
+    monkeypatch.setenv("ENERGY_PG_DSN", pg_dsn)
+    assert main(["alerts", "apply", str(EXAMPLE)]) == 0
+    for args in (
+        ["test", "device-draw-anomaly", "--at", "yesterday noon"],
+        ["silence", "device-silent", "--until", "tomorrow"],
+        ["history", "--since", "last week"],
+    ):
+        capsys.readouterr()
+        assert main(["alerts", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert "is neither an ISO time" in err and "Traceback" not in err
+
+
+def test_cli_silence_warns_when_the_name_is_neither_a_rule_nor_an_entity(
+    pg_dsn, monkeypatch, capsys
+):
+    from energy_pipeline.cli import main
+    from energy_pipeline_tests.test_alert_evaluate import register
+
+    monkeypatch.setenv("ENERGY_PG_DSN", pg_dsn)
+    assert main(["alerts", "apply", str(EXAMPLE)]) == 0
+    with connect(pg_dsn) as conn:
+        register(conn, {"dev-0001": "h1"})
+    capsys.readouterr()
+    assert main(["alerts", "silence", "device-silnet", "--until", "2h"]) == 0
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err):
+        assert "'device-silnet' is neither a rule nor a known device" in text
+        assert "did you mean the rule 'device-silent'" in text
+    for known in ("dev-0001", "h1", "fleet"):
+        assert main(["alerts", "silence", known, "--until", "2h"]) == 0
+        captured = capsys.readouterr()
+        assert f"entity {known} until" in captured.out
+        assert "warning" not in captured.out + captured.err

@@ -4,10 +4,13 @@ silence a rule or an entity, show the episodes."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from energy_pipeline.alerts.evaluate import GRAIN_STEP, evaluate_window
 from energy_pipeline.alerts.lifecycle import add_silence, history
@@ -93,6 +96,8 @@ def cmd_test(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate one rule for the window holding `--at`; changes and sends nothing."""
     at = parse_time(args.at, datetime.now(UTC), ahead=False)
     with connect(settings.pg_dsn) as conn:
+        # Read only: any write (a baseline cache row included) fails instead of happening.
+        conn.execute("SET default_transaction_read_only = on")
         rule = find_rule(conn, args.rule)
         if rule is None:
             _err(f"no rule {args.rule!r} (see `energy-pipeline alerts list`)")
@@ -101,7 +106,7 @@ def cmd_test(args: argparse.Namespace, settings: Settings) -> int:
         start = datetime.fromtimestamp(
             at.timestamp() // step.total_seconds() * step.total_seconds(), UTC
         )
-        ev = evaluate_window(conn, [rule], rule.window_size, start)
+        ev = evaluate_window(conn, [rule], rule.window_size, start, cache=False)
     breached = ev.breached.sort("entity")
     _out(
         f"rule {rule.rule_id} ({rule.kind}, {rule.scope} {rule.metric} {rule.operator} "
@@ -117,8 +122,33 @@ def cmd_test(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_KNOWN_ENTITY = """
+SELECT 1 FROM energy.devices WHERE device_id = %(name)s OR household_id = %(name)s
+UNION ALL SELECT 1 WHERE %(name)s = 'fleet'
+LIMIT 1
+"""
+
+
+def _unknown_target(conn: psycopg.Connection, name: str) -> str | None:
+    """A warning when `name` is neither a rule nor a registered device, a household or the
+    fleet (a mistyped rule id would otherwise silence an entity that matches nothing)."""
+    if conn.execute(_KNOWN_ENTITY, {"name": name}).fetchone():
+        return None
+    rules = [row["rule_id"] for row in list_rules(conn)]
+    close = difflib.get_close_matches(name, rules, n=1)
+    hint = f"; did you mean the rule {close[0]!r}?" if close else ""
+    return (
+        f"warning: {name!r} is neither a rule nor a known device, household or the fleet: the "
+        f"silence matches nothing until such an entity reports{hint}"
+    )
+
+
 def cmd_silence(args: argparse.Namespace, settings: Settings) -> int:
-    """Silence a rule (when the name is a rule's id) or an entity (any other name)."""
+    """Silence a rule (when the name is a rule's id) or an entity (any other name).
+
+    A name that is no known entity either is still recorded (a device can be silenced before it
+    is registered, e.g. ahead of an installation) but warned about, on stderr and in the output.
+    """
     now = datetime.now(UTC)
     until = parse_time(args.until, now, ahead=True)
     if until <= now:
@@ -126,10 +156,14 @@ def cmd_silence(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     with connect(settings.pg_dsn) as conn:
         is_rule = find_rule(conn, args.target) is not None
+        warning = None if is_rule else _unknown_target(conn, args.target)
         target = {"rule_id": args.target} if is_rule else {"entity": args.target}
         silence_id = add_silence(conn, until, reason=args.reason, **target)
     what = "rule" if is_rule else "entity"
     _out(f"silence {silence_id}: {what} {args.target} until {until.isoformat()}")
+    if warning:
+        _err(warning)
+        _out(warning)
     return 0
 
 
@@ -154,7 +188,11 @@ COMMANDS = {
 
 
 def cmd_alerts(args: argparse.Namespace, settings: Settings) -> int:
-    return COMMANDS[args.action](args, settings)
+    try:
+        return COMMANDS[args.action](args, settings)
+    except argparse.ArgumentTypeError as exc:  # a time argument that does not parse
+        _err(str(exc))
+        return 2
 
 
 def add_parser(sub: Any) -> None:

@@ -379,23 +379,48 @@ def _cache_baselines(conn: psycopg.Connection, scope: str, days: int, hour: date
         conn.execute("DELETE FROM energy.alert_baseline_hours WHERE hour < %(before)s", old)
 
 
-def read_baselines(
-    conn: psycopg.Connection, rules: Sequence[Rule], start: datetime
+def _cached_baselines(
+    conn: psycopg.Connection, scope: str, days: int, hour: datetime
 ) -> pl.DataFrame:
-    """Trailing baselines for the entity types and day counts the anomaly rules use."""
+    _cache_baselines(conn, scope, days, hour)
+    return _frame(
+        conn,
+        "SELECT scope, entity, mean, std, n FROM energy.alert_baselines "
+        "WHERE hour = %(hour)s AND scope = %(scope)s AND days = %(days)s",
+        {"hour": hour, "scope": scope, "days": days},
+        BASELINE_SCHEMA,
+    )
+
+
+def _computed_baselines(
+    conn: psycopg.Connection, scope: str, days: int, hour: datetime
+) -> pl.DataFrame:
+    """The hour's baselines of `scope`, computed and not cached (writes nothing)."""
+    hours = [hour - timedelta(days=d) for d in range(1, days + 1)]
+    return _frame(
+        conn,
+        f"SELECT %(scope)s, entity, mean, std, n "
+        f"FROM ({_BASELINE[scope]}) b(entity_type, entity, mean, std, n)",
+        {"scope": scope, "hours": hours},
+        BASELINE_SCHEMA,
+    )
+
+
+def read_baselines(
+    conn: psycopg.Connection, rules: Sequence[Rule], start: datetime, *, cache: bool = True
+) -> pl.DataFrame:
+    """Trailing baselines for the entity types and day counts the anomaly rules use; cached
+    per hour unless `cache` is false (then nothing is written)."""
     hour = start.replace(minute=0, second=0, microsecond=0)
     wanted = sorted(
         {(r.scope, int((r.baseline or {})["days"])) for r in rules if r.kind == "anomaly"}
     )
     frames = []
     for scope, days in wanted:
-        _cache_baselines(conn, scope, days, hour)
-        frame = _frame(
-            conn,
-            "SELECT scope, entity, mean, std, n FROM energy.alert_baselines "
-            "WHERE hour = %(hour)s AND scope = %(scope)s AND days = %(days)s",
-            {"hour": hour, "scope": scope, "days": days},
-            BASELINE_SCHEMA,
+        frame = (
+            _cached_baselines(conn, scope, days, hour)
+            if cache
+            else _computed_baselines(conn, scope, days, hour)
         )
         frames.append(frame.with_columns(pl.lit(days, dtype=pl.Int64).alias("days")))
     if not frames:
@@ -417,11 +442,17 @@ class WindowEvaluation:
 
 
 def evaluate_window(
-    conn: psycopg.Connection, rules: Sequence[Rule], grain: str, start: datetime
+    conn: psycopg.Connection,
+    rules: Sequence[Rule],
+    grain: str,
+    start: datetime,
+    *,
+    cache: bool = True,
 ) -> WindowEvaluation:
-    """Read the window of `grain` starting at `start` and evaluate `rules` (of that grain)."""
+    """Read the window of `grain` starting at `start` and evaluate `rules` (of that grain);
+    with `cache` false it only reads (baselines are computed, not cached)."""
     rules = [r for r in rules if r.window_size == grain]
     values = read_values(conn, grain, start)
-    baselines = read_baselines(conn, rules, start)
+    baselines = read_baselines(conn, rules, start, cache=cache)
     results = evaluate(values, rules_frame(rules), baselines)
     return WindowEvaluation(grain, start, results)
