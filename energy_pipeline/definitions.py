@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from energy_pipeline.alerts.channels import AlertChannelsResource
 from energy_pipeline.config import Settings
 from energy_pipeline.defs import hierarchy, minute_rollups, partition_window
 from energy_pipeline.defs.alerts import build_defs as build_alert_defs
 from energy_pipeline.defs.alerts import delivery_defs as alert_delivery
+from energy_pipeline.defs.alerts.resources import AlertChannelsResource
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
 from energy_pipeline.defs.reports import build_defs as build_report_defs
 from energy_pipeline.defs.retention import build_defs as build_retention_defs

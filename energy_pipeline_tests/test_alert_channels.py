@@ -17,7 +17,6 @@ from energy_pipeline.alerts.channels import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
-    AlertChannelsResource,
     Channels,
     EmailChannel,
     LogChannel,
@@ -33,6 +32,7 @@ from energy_pipeline.alerts.channels import (
 )
 from energy_pipeline.config import ConfigError, Settings, scrub
 from energy_pipeline.definitions import build_resources
+from energy_pipeline.defs.alerts.resources import AlertChannelsResource
 from energy_pipeline_tests.receivers import HttpReceiver, SmtpReceiver
 
 SECRET = "whsec-test-2f9c"
@@ -458,3 +458,19 @@ def test_cli_tracebacks_are_scrubbed_of_the_alert_secrets(monkeypatch):
     for secret in ("whsec-env-77", "xyzSECRET", "smtp-env-pw", "tokSECRET9"):
         assert secret not in text, secret
     assert "hooks.example.org/e" in text  # the rest of the URL stays readable
+
+
+def test_the_alert_modules_do_not_import_dagster():
+    # Layering: Dagster lives in energy_pipeline.defs.alerts; a fresh interpreter proves it.
+    import subprocess
+    import sys
+
+    modules = ("channels", "contracts", "delivery", "evaluate", "lifecycle", "rules")
+    code = (
+        "import sys\n"
+        + "".join(f"import energy_pipeline.alerts.{m}\n" for m in modules)
+        + "print('dagster' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

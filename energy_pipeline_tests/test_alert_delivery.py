@@ -21,11 +21,11 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from energy_pipeline.alerts.channels import (
-    AlertChannelsResource,
     Channels,
     WebhookChannel,
 )
 from energy_pipeline.alerts.delivery import Backoff, deliver_pending, requeue_dead_letters
+from energy_pipeline.defs.alerts.resources import AlertChannelsResource
 from energy_pipeline.defs.alerts.sensors import alert_delivery_sensor
 from energy_pipeline.resources import PostgresResource
 from energy_pipeline.storage import connect

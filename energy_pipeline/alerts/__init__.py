@@ -3,6 +3,6 @@ for one window (`evaluate`), the rollup tables' contract (`contracts`), episodes
 outbox of notifications (`lifecycle`), and sending those notifications (`channels`,
 `delivery`).
 
-No Dagster here except the channels' resource: the asset checks in `energy_pipeline.defs.alerts`
-call these modules.
+No Dagster here: the asset checks, the delivery sensor and the channels' resource
+(`AlertChannelsResource`) live in `energy_pipeline.defs.alerts` and call these modules.
 """

@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from energy_pipeline.alerts.channels import AlertChannelsResource
 from energy_pipeline.alerts.contracts import ContractResult, check_contract
 from energy_pipeline.alerts.delivery import deliver_pending
 from energy_pipeline.alerts.evaluate import GRAIN_STEP, WindowEvaluation, evaluate_window
 from energy_pipeline.alerts.lifecycle import MAX_WAIT, Outcome, apply_windows
 from energy_pipeline.alerts.rules import enabled_rules
+from energy_pipeline.defs.alerts.resources import AlertChannelsResource
 from energy_pipeline.defs.hierarchy.assets import household_rollup_5m
 from energy_pipeline.defs.hierarchy.partitions import FIVE_MINUTE_PARTITIONS
 from energy_pipeline.resources import PostgresResource

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from energy_pipeline.alerts.channels import AlertChannelsResource
 from energy_pipeline.alerts.delivery import MAX_ATTEMPTS, DeliveryStats, deliver_pending
+from energy_pipeline.defs.alerts.resources import AlertChannelsResource
 from energy_pipeline.resources import PostgresResource
 
 # Stop claiming rows after this long, well inside the daemon's 60 s sensor evaluation timeout;
