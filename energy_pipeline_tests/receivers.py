@@ -40,9 +40,9 @@ class ReceivedRequest:
 
 class HttpReceiver:
     """Records every POST and answers `default_status`, or the next of `statuses` while any
-    are queued. `stop_after=n`: the server shuts itself down right after answering n requests
-    (later connections are cut without an answer, then refused). `restart()` serves again on
-    the same port."""
+    are queued, after `delay_s` (cut short by setting `release`). `stop_after=n`: the server
+    shuts itself down right after answering n requests (later connections are cut without an
+    answer, then refused). `restart()` serves again on the same port."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -51,6 +51,8 @@ class HttpReceiver:
         self.default_status = 200
         self.headers: dict[str, str] = {}
         self.delay_s = 0.0
+        # Set to end every delay at once (a long delay then does not depend on machine speed).
+        self.release = threading.Event()
         self.stop_after: int | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -72,7 +74,7 @@ class HttpReceiver:
                 if status is None:
                     self.close_connection = True  # down: cut without an answer
                     return
-                time.sleep(receiver.delay_s)
+                receiver.release.wait(receiver.delay_s)
                 try:
                     self.send_response(status)
                     for name, value in receiver.headers.items():
@@ -88,6 +90,7 @@ class HttpReceiver:
                 pass
 
         self._down = False
+        self.release.clear()
         self._server = ThreadingHTTPServer((LOOPBACK, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -113,6 +116,7 @@ class HttpReceiver:
             threading.Thread(target=self.stop, daemon=True).start()
 
     def stop(self) -> None:
+        self.release.set()  # no handler keeps waiting on a delay
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()

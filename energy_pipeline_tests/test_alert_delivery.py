@@ -375,7 +375,7 @@ def test_concurrent_deliverers_never_send_a_row_twice(pg_dsn, conn, receiver):
     for t in threads:
         t.join(60)
 
-    assert sorted(s.delivered for s in results)[0] > 0  # both took part
+    # What matters: every row sent, none twice (however the two threads were scheduled).
     assert sum(s.delivered for s in results) == 40
     assert len(receiver.requests) == 40 and receiver.duplicates() == {}
     assert all(r["delivered_at"] is not None for r in outbox(conn).values())
@@ -385,13 +385,13 @@ def test_concurrent_deliverers_never_send_a_row_twice(pg_dsn, conn, receiver):
 def test_a_slow_channel_holds_only_the_row_it_sends(pg_dsn, conn, receiver):
     (slow,) = add_outbox(conn, 1)  # claimed first: oldest id
     fast = add_outbox(conn, 2, "log", first=1)
-    receiver.delay_s = 3.0
+    receiver.delay_s = 60.0  # released below, once the other deliverer is done
     slow_stats = []
 
     def deliver_all() -> None:
         with connect(pg_dsn) as own:
             ids = [slow, *fast]
-            patient = Channels(webhook=WebhookChannel(receiver.url, SECRET, timeout_s=10.0))
+            patient = Channels(webhook=WebhookChannel(receiver.url, SECRET, timeout_s=90.0))
             slow_stats.append(deliver_pending(own, patient, NOW, outbox_ids=ids))
 
     worker = threading.Thread(target=deliver_all)
@@ -402,7 +402,8 @@ def test_a_slow_channel_holds_only_the_row_it_sends(pg_dsn, conn, receiver):
 
     other = deliver_pending(conn, webhook(receiver), NOW)
     still_sending = worker.is_alive()
-    worker.join(10)
+    receiver.release.set()
+    worker.join(30)
 
     # The log rows went out while the webhook row was still being sent, not after it.
     assert other.delivered == 2 and still_sending
