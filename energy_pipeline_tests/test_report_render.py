@@ -201,3 +201,18 @@ def test_write_atomically_replaces_the_page_and_keeps_it_on_failure(tmp_path: Pa
         write_atomically(page, None)  # type: ignore[arg-type]
     assert page.read_text() == "second"
     assert [p.name for p in page.parent.iterdir()] == [page.name]
+
+
+def test_reports_package_and_modules_say_what_they_hold():
+    import importlib
+    import pkgutil
+
+    import energy_pipeline.reports as package
+
+    names = [package.__name__] + [
+        f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+    ]
+    assert "energy_pipeline.reports.files" in names
+    for name in names:
+        doc = importlib.import_module(name).__doc__
+        assert doc and len(doc.split()) >= 5, name

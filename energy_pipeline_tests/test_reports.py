@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dagster as dg
 import polars as pl
@@ -26,7 +26,7 @@ from energy_pipeline.defs.reports.partitions import DAILY_REPORT_PARTITIONS
 from energy_pipeline.defs.reports.sensors import ORIGIN, ORIGIN_TAG, build_report_sensor
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
-from energy_pipeline.reports import tariffs
+from energy_pipeline.reports import pages, tariffs
 from energy_pipeline.reports.compute import (
     compute_reports,
     day_span,
@@ -40,6 +40,7 @@ from energy_pipeline.reports.planning import (
     plan_report_days,
     report_day_states,
 )
+from energy_pipeline.reports.render import household_html
 from energy_pipeline.resources import PostgresResource
 from energy_pipeline_tests.conftest import TEMPLATE_DB
 from energy_pipeline_tests.helpers import close
@@ -676,6 +677,33 @@ def test_plan_limits_requests_per_tick():
     now = datetime(2026, 3, 28, tzinfo=UTC)
     plan = plan_report_days([state(d) for d in range(1, 21)], [], [], now, SETTLE)
     assert [r.day.day for r in plan] == [20, 19, 18, 17, 16, 15, 14]
+
+
+def test_page_of_a_zone_python_does_not_know_falls_back_to_utc(conn, monkeypatch):
+    # PostgreSQL and Python read separate tz databases: one may know a zone the other lacks.
+    # Python's lookup is made to lack Kathmandu; the report itself is computed by PostgreSQL.
+    real = pages.ZoneInfo
+
+    def lacks_kathmandu(key: str) -> ZoneInfo:
+        if key == "Asia/Kathmandu":
+            raise ZoneInfoNotFoundError(key)
+        return real(key)
+
+    monkeypatch.setattr(pages, "ZoneInfo", lacks_kathmandu)
+    page = pages.household_page(conn, "hh-kat", DST_DAY)
+    assert page is not None and page.report["timezone"] == "Asia/Kathmandu"
+    assert page.clock_note and "Asia/Kathmandu" in page.clock_note and "UTC" in page.clock_note
+    # The day starts at 18:15 UTC (+05:45): the hour labels are UTC clock times.
+    assert [h.label for h in page.hours[:2]] == ["18:15", "19:15"]
+    assert len(page.hours) == 24
+    assert "hours are shown in UTC" in household_html(page)
+    assert pages.household_page(conn, "hh-berlin", DST_DAY).clock_note is None  # type: ignore[union-attr]
+
+
+def test_page_zone_names_the_fallback():
+    assert pages.page_zone("Europe/Berlin") == ("Europe/Berlin", None)
+    zone, note = pages.page_zone("Mars/Olympus_Mons")
+    assert zone == "UTC" and note and "Mars/Olympus_Mons" in note
 
 
 # --- Run-state helpers shared with the hierarchy sensor ---------------------------------------

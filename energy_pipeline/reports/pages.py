@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 
@@ -67,6 +67,8 @@ class HouseholdPage:
     report: dict[str, Any]
     hours: list[HourPoint]
     stored: bool
+    # Set when Python's tz database lacks the report's zone and the hours are shown in UTC.
+    clock_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,17 @@ class FleetPage:
         return sum(r["minutes_covered"] for r in self.reports) / expected if expected else None
 
 
+def page_zone(zone: str) -> tuple[str, str | None]:
+    """The zone a page's clock uses: `zone`, or UTC with a note saying so when Python's tz
+    database does not know it (PostgreSQL's may, and then computed the report in it)."""
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        note = f"Time zone {zone} is unknown to this renderer: hours are shown in UTC."
+        return "UTC", note
+    return zone, None
+
+
 def hour_labels(day_start: datetime, hours: int, zone: str) -> list[str]:
     """Local clock time of each hour slot from the local midnight (23, 24 or 25 of them)."""
     tz = ZoneInfo(zone)
@@ -112,8 +125,8 @@ def trailing_hourly(rows: list[tuple[date, int, float]]) -> dict[int, float]:
     return {h: v / len(days) for h, v in per_hour.items()}
 
 
-def _hours(conn: psycopg.Connection, report: dict[str, Any]) -> list[HourPoint]:
-    start, end, zone = report["day_start"], report["day_end"], report["timezone"]
+def _hours(conn: psycopg.Connection, report: dict[str, Any], zone: str) -> list[HourPoint]:
+    start, end = report["day_start"], report["day_end"]
     params = {
         "household": report["household_id"],
         "start": start,
@@ -143,7 +156,8 @@ def household_page(conn: psycopg.Connection, household_id: str, day: date) -> Ho
         if not computed:
             return None
         report = computed[0]
-    return HouseholdPage(report, _hours(conn, report), stored)
+    zone, note = page_zone(report["timezone"])
+    return HouseholdPage(report, _hours(conn, report, zone), stored, note)
 
 
 def fleet_page(conn: psycopg.Connection, day: date) -> FleetPage:

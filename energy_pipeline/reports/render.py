@@ -211,6 +211,8 @@ def household_html(page: HouseholdPage) -> str:
         notes.append("Hours without data are left as gaps in the curve.")
     if not page.stored:
         notes.append("Computed on request: no stored report for this day yet.")
+    if page.clock_note:
+        notes.append(page.clock_note)
     body = (
         f'<h1>{esc(title)}</h1><p class="sub">Local day in {esc(r["timezone"])}, '
         f"{r['day_start']:%Y-%m-%d %H:%M} to {r['day_end']:%Y-%m-%d %H:%M} UTC</p>"
