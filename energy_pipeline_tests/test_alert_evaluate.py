@@ -22,7 +22,8 @@ DEVICE = ("device_id", "household_id", "sample_count", "power_w_avg", "energy_wh
 
 
 def a_minute(minutes_ago: int = 30) -> datetime:
-    """A minute in a day whose partitions the template database has (today, yesterday)."""
+    """A recent minute; its day's partitions are created by the helpers that write rows (the
+    template database only has the days around its creation, which may be another day)."""
     return floor_minute(datetime.now(UTC)) - timedelta(minutes=minutes_ago)
 
 
@@ -47,6 +48,7 @@ def put_minute(
     """Replace `minute`'s device rows: mean power per device (max 10 % above it), 60 samples,
     energy consistent with the power; and its ledger row, rolled up `lag_s` after its close."""
     rejected = rejected or {}
+    create_partitions(conn, "device_rollup_1m", minute.date(), minute.date())
     rows = [
         (d, minute, households[d], 60, p, p * 0.9, p * 1.1, p / 60, rejected.get(d, 0))
         for d, p in power.items()
@@ -144,8 +146,10 @@ def test_five_minute_rules_read_household_rollup_5m(pg_dsn):
         " operator: '>', threshold: 10000}\n"
         "  - {id: minute, kind: threshold, metric: power_w_avg, operator: '>', threshold: 0}\n"
     )
-    window = a_minute(40).replace(minute=a_minute(40).minute // 5 * 5)
+    minute = a_minute(40)  # read once: two readings may straddle a minute
+    window = minute.replace(minute=minute.minute // 5 * 5)
     with connect(pg_dsn) as conn:
+        create_partitions(conn, "household_rollup_5m", window.date(), window.date())
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO energy.household_rollup_5m (household_id, bucket, device_count, "
@@ -280,3 +284,16 @@ def test_vectorised_thresholds_match_a_row_by_row_reading(values, rules):
         if rule.entity_ids is None or f"d{i}" in rule.entity_ids
     }
     assert got == expected
+
+
+def test_helpers_work_on_a_day_the_template_has_no_partitions_for(pg_dsn):
+    # As after 00:00 UTC when the template was made the day before: the helpers create the day.
+    rules = parse_rules(
+        "rules:\n  - {id: hot, kind: threshold, metric: power_w_avg, operator: '>',"
+        " threshold: 1000}\n"
+    )
+    minute = a_minute(30) - timedelta(days=20)
+    with connect(pg_dsn) as conn:
+        register(conn, {"d1": "h1"})
+        put_minute(conn, minute, {"d1": 1500.0}, {"d1": "h1"})
+        assert firing(rules, conn, "1m", minute) == {("hot", "d1"): 1500.0}
