@@ -90,6 +90,9 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     assert reads["p95_speedup"] > 0
     assert reads["minutes_rewritten_meanwhile"] > 0
     assert reads["coarse_windows_rewritten_meanwhile"] > 0
+    assert set(reads["rollup_each_alone"]) == set(READ_QUERIES)
+    for q in reads["rollup_each_alone"].values():
+        assert q["queries"] > 0 and 0 < q["p50_ms"] <= q["p95_ms"]
     for table in ("rollup", "raw"):
         alone = reads["single_reader"][table]
         assert set(alone) == set(READ_QUERIES) and all(v > 0 for v in alone.values())

@@ -201,6 +201,9 @@ def _offline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             )
         rows.append((f"reads {name}: raw p95 / rollup p95", f"{ratio:.1f}"))
     rows.append(("reads: raw p95 / rollup p95, all queries", f"{rd['p95_speedup']:.1f}"))
+    for name, q in rd.get("rollup_each_alone", {}).items():
+        rows.append((f"reads {name} alone, {rd['readers']} readers: p50/p95 (ms)",
+                     f"{q['p50_ms']:.1f}/{q['p95_ms']:.1f}"))  # fmt: skip
     for name in rd["single_reader"]["rollup"]:
         one = rd["single_reader"]
         rows.append((f"reads {name}, 1 reader, idle: rollup / raw p50 (ms)",

@@ -207,15 +207,17 @@ def _readers(
     readers: int,
     seconds: float,
     seed: int,
+    only: str | None = None,
 ) -> dict[str, Any]:
-    """`readers` concurrent pgbench clients for `seconds`, each query type equally likely.
+    """`readers` concurrent pgbench clients for `seconds`, each query type equally likely (or
+    only the query `only`).
 
     pgbench (C, in its own process) is the load: Python threads sharing one interpreter lock
     queued behind each other and halved the queries/s PostgreSQL could serve, which is a limit
     of the client, not of the tables. Latencies come from pgbench's per-query log.
     """
     pgbench = str(LocalPostgres.bin_dir() / "pgbench")
-    names = list(READ_QUERIES)
+    names = [only] if only else list(READ_QUERIES)
     with tempfile.TemporaryDirectory(prefix="bench-readers-") as tmp, psycopg.connect(dsn) as conn:
         args = [pgbench, "--no-vacuum", "--client", str(readers),
                 "--jobs", str(min(readers, os.cpu_count() or 1)), "--time", str(round(seconds)),
@@ -313,6 +315,12 @@ def measure_reads(
         args = (sample, window, opts.readers, opts.read_seconds, opts.seed)
         rollup = _readers(targets.pg_dsn, 0, *args)
         raw = _readers(targets.pg_dsn, 1, *args)
+        # Each rollup query on its own at the same concurrency: the mix above makes the cheap
+        # queries wait behind the 1,440-row one.
+        alone_at_n = {
+            name: _readers(targets.pg_dsn, 0, *args, only=name)["by_query"][name]
+            for name in READ_QUERIES
+        }
     finally:
         stop.set()
         thread.join()
@@ -333,6 +341,7 @@ def measure_reads(
         "p95_speedup_by_query": {
             k: raw["by_query"][k]["p95_ms"] / rollup["by_query"][k]["p95_ms"] for k in READ_QUERIES
         },
+        "rollup_each_alone": alone_at_n,
         "single_reader": {
             table: {k: v["p50_ms"] for k, v in single[table]["by_query"].items()}
             for table in single
