@@ -4,6 +4,7 @@ nothing new, catch-up ranges, delivery on the fast path, the blocking contract c
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 import dagster as dg
@@ -274,3 +275,38 @@ def test_the_minute_sensors_request_runs_the_alert_checks(fleet, influx_db, monk
     assert set(checks) == {ALERT_RULES["1m"], CONTRACT["1m"]}
     assert checks[ALERT_RULES["1m"]].partition == partition_key(minute)
     assert outbox(fleet.pg_dsn) == [("charger", "firing", "log", True, None)]
+
+
+def test_out_of_order_minutes_wait_and_a_hole_is_skipped_and_reported(fleet, influx_db):
+    instance = dg.DagsterInstance.ephemeral()
+    m0, m1, m2 = (base_minute(6) + timedelta(minutes=i) for i in range(3))
+    for minute in (m0, m1, m2):
+        write_minute(influx_db, minute, {"charger": 11500.0, "fridge": 90.0})
+    assert minute_run(fleet, instance, m0).success
+    # minute 2 finishes first: it waits for minute 1 and notifies nothing yet
+    [waiting] = evaluations(minute_run(fleet, instance, m2), ALERT_RULES["1m"])
+    assert waiting.metadata["waiting_for_older_window"].value is True
+    assert waiting.metadata["applied_to_episodes"].value is False
+    # minute 1's run applies minute 1, then the waiting minute 2 from its stored rows
+    [late] = evaluations(minute_run(fleet, instance, m1), ALERT_RULES["1m"])
+    assert late.metadata["applied_to_episodes"].value is True
+    with psycopg.connect(fleet.pg_dsn) as conn:
+        assert conn.execute("SELECT last_bucket FROM energy.alert_evaluations").fetchone() == (m2,)
+
+    # A hole older than the bound (minute n1 never rolled up) is skipped, reported and logged.
+    n0 = base_minute(40)
+    n2 = n0 + timedelta(minutes=2)
+    with psycopg.connect(fleet.pg_dsn) as conn:
+        conn.execute("UPDATE energy.alert_evaluations SET last_bucket = %s", (n0,))
+    write_minute(influx_db, n2, {"charger": 11500.0, "fridge": 90.0})
+    result = minute_run(fleet, instance, n2)
+    [skipped] = evaluations(result, ALERT_RULES["1m"])
+    hole = f"{n0 + timedelta(minutes=1):%Y-%m-%d %H:%M}"
+    assert skipped.metadata["missing_windows_skipped"].value == [f"{hole}..{hole}"]
+    assert skipped.metadata["applied_to_episodes"].value is True
+    warnings = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.level == logging.WARNING and "never rolled up" in e.user_message
+    ]
+    assert len(warnings) == 1 and hole in warnings[0]
