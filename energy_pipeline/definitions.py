@@ -15,7 +15,7 @@ from energy_pipeline.defs.alerts.resources import AlertChannelsResource
 from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
 from energy_pipeline.defs.reports import build_defs as build_report_defs
 from energy_pipeline.defs.retention import build_defs as build_retention_defs
-from energy_pipeline.resources import InfluxDBResource, PostgresResource
+from energy_pipeline.resources import InfluxDBResource, PostgresResource, from_settings
 
 
 def _secret(settings: Settings, name: str, value: str) -> str:
@@ -44,17 +44,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             token=_optional_secret(settings, "INFLUXDB_TOKEN"),
         ),
         "postgres": PostgresResource(dsn=_secret(settings, "ENERGY_PG_DSN", settings.pg_dsn)),
-        "minute_sensors": MinuteSensorSettings(
-            settle_seconds=settings.settle_seconds,
-            lateness_seconds=settings.lateness_seconds,
-            late_audit_extra_seconds=settings.late_audit_extra_seconds,
-            late_recent_seconds=settings.late_recent_seconds,
-            late_full_scan_seconds=settings.late_full_scan_seconds,
-            max_range_minutes=settings.max_range_minutes,
-            raw_retention_days=settings.raw_retention_days,
-            run_timeout_seconds=settings.run_timeout_seconds,
-        ),
-        "minute_runs": MinuteRunSettings(chunk_minutes=settings.chunk_minutes),
+        "minute_sensors": from_settings(MinuteSensorSettings, settings),
+        "minute_runs": from_settings(MinuteRunSettings, settings),
         "alert_channels": AlertChannelsResource(
             webhook_url=_secret(settings, "ALERT_WEBHOOK_URL", settings.alert_webhook_url) or None,
             webhook_secret=_optional_secret(settings, "ALERT_WEBHOOK_SECRET"),

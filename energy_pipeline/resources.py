@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TypeVar
+
 import dagster as dg
 import psycopg
 
-from energy_pipeline.config import READ_PARALLELISM
+from energy_pipeline.config import READ_PARALLELISM, Settings
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.sources import RawSource
 from energy_pipeline.storage import connect
@@ -48,3 +51,13 @@ class PostgresResource(dg.ConfigurableResource):
 
     def connect(self) -> psycopg.Connection:
         return connect(self.dsn)
+
+
+SettingsResource = TypeVar("SettingsResource", bound=dg.ConfigurableResource)
+
+
+def from_settings(resource: type[SettingsResource], settings: Settings) -> SettingsResource:
+    """`resource` configured from the `Settings` fields of the same names; its other fields keep
+    their defaults. A setting a resource needs is a field of both, never copied by hand."""
+    shared = set(resource.model_fields) & {f.name for f in dataclasses.fields(settings)}
+    return resource(**{name: getattr(settings, name) for name in shared})

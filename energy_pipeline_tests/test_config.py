@@ -116,3 +116,26 @@ def test_key_value_dsns_load_and_migrate(pg_server):
 )
 def test_every_form_of_password_is_redacted(dsn, shown):
     assert redact_dsn(dsn) == shown
+
+
+def test_settings_resources_take_every_same_named_setting():
+    import dagster as dg
+
+    from energy_pipeline.defs.minute_rollups.settings import MinuteRunSettings, MinuteSensorSettings
+    from energy_pipeline.defs.retention.assets import RetentionSettings
+    from energy_pipeline.resources import from_settings
+
+    s = Settings.from_env({"ENERGY_SETTLE_SECONDS": "7", "ENERGY_CHUNK_MINUTES": "9"})
+    sensors = from_settings(MinuteSensorSettings, s)
+    assert sensors.settle_seconds == 7
+    assert all(getattr(sensors, n) == getattr(s, n) for n in MinuteSensorSettings.model_fields)
+    assert from_settings(MinuteRunSettings, s).chunk_minutes == 9
+    retention = from_settings(RetentionSettings, s)
+    assert retention.retention_device_rollup_1m_days == s.retention_device_rollup_1m_days
+    assert retention.lock_timeout_ms == RetentionSettings.model_fields["lock_timeout_ms"].default
+
+    class Misspelt(dg.ConfigurableResource):
+        settle_secs: int  # no setting of that name: construction fails instead of guessing
+
+    with pytest.raises(Exception, match="settle_secs"):
+        from_settings(Misspelt, s)

@@ -6,6 +6,7 @@ import dagster as dg
 from energy_pipeline.config import Settings
 from energy_pipeline.defs.retention.assets import RetentionSettings, retention
 from energy_pipeline.defs.retention.schedules import retention_job, retention_schedule
+from energy_pipeline.resources import from_settings
 
 
 def build_defs(settings: Settings) -> dg.Definitions:
@@ -16,15 +17,6 @@ def build_defs(settings: Settings) -> dg.Definitions:
         jobs=[retention_job],
         schedules=[retention_schedule],
         resources={
-            "retention_settings": RetentionSettings(
-                retention_device_rollup_1m_days=settings.retention_device_rollup_1m_days,
-                retention_household_rollup_5m_days=settings.retention_household_rollup_5m_days,
-                retention_device_rollup_1h_days=settings.retention_device_rollup_1h_days,
-                retention_daily_report_days=settings.retention_daily_report_days,
-                retention_quarantine_days=settings.retention_quarantine_days,
-                retention_alerts_days=settings.retention_alerts_days,
-                lateness_seconds=settings.lateness_seconds,
-                raw_retention_days=settings.raw_retention_days,
-            )
+            "retention_settings": from_settings(RetentionSettings, settings),
         },
     )
