@@ -18,6 +18,7 @@ from energy_pipeline.config import Settings
 from energy_pipeline.devtools.services import LocalInflux, LocalPostgres, free_port
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.migrations import upgrade
+from energy_pipeline_tests.helpers import database_from
 
 TEMPLATE_DB = "energy_template"
 
@@ -52,18 +53,8 @@ def pg_server(server_root: Path) -> Iterator[LocalPostgres]:
 @pytest.fixture
 def pg_dsn(pg_server: LocalPostgres) -> Iterator[str]:
     """A fresh database with the schema migrated, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
-            )
-        )
-    yield pg_server.dsn(name)
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with database_from(pg_server, TEMPLATE_DB) as dsn:
+        yield dsn
 
 
 @pytest.fixture

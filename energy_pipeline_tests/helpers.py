@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import psycopg
+from psycopg import sql
 
 from energy_pipeline.config import Settings
 from energy_pipeline.definitions import build_definitions
+from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline.scheduling import floor_minute, partition_key
 
 ROLLUP_COLS = (
@@ -129,3 +134,22 @@ def close(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@contextlib.contextmanager
+def database_from(server: LocalPostgres, template: str) -> Iterator[str]:
+    """A new database copied from `template`; its DSN, and it is dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    try:
+        yield server.dsn(name)
+    finally:
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -42,7 +42,7 @@ from energy_pipeline.reports.planning import (
 )
 from energy_pipeline.reports.render import household_html
 from energy_pipeline.resources import PostgresResource
-from energy_pipeline_tests.conftest import TEMPLATE_DB
+from energy_pipeline_tests.conftest import TEMPLATE_DB, database_from
 from energy_pipeline_tests.helpers import close
 
 MINUTE = timedelta(minutes=1)
@@ -241,18 +241,8 @@ def loaded_template(pg_server: LocalPostgres, dataset: list[dict]) -> Iterator[s
 @pytest.fixture
 def loaded_dsn(pg_server: LocalPostgres, loaded_template: str) -> Iterator[str]:
     """A fresh copy of the loaded dataset, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(loaded_template)
-            )
-        )
-    yield pg_server.dsn(name)
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with database_from(pg_server, loaded_template) as dsn:
+        yield dsn
 
 
 @pytest.fixture
