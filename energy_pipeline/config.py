@@ -135,13 +135,18 @@ def dagster_storage_url(url: str) -> str:
     return url
 
 
+# Words a yes/no setting (or a yes/no field of a file the project reads) may be written as.
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if raw == "":
         return default
-    if raw in ("1", "true", "yes", "on"):
+    if raw in TRUE_WORDS:
         return True
-    if raw in ("0", "false", "no", "off"):
+    if raw in FALSE_WORDS:
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 

@@ -29,6 +29,8 @@ from typing import Any
 import psycopg
 import yaml
 
+from energy_pipeline.config import FALSE_WORDS, TRUE_WORDS
+
 DAY_MINUTES = 1440
 BAND_STEP_MINUTES = 5  # bands price whole 5-minute windows
 EARLIEST = date(2000, 1, 1)
@@ -103,9 +105,9 @@ def _bool(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value or "").strip().lower()
-    if text in ("", "false", "no", "0"):
+    if text == "" or text in FALSE_WORDS:
         return False
-    if text in ("true", "yes", "1"):
+    if text in TRUE_WORDS:
         return True
     raise TariffError(f"{where}: {value!r} is not true/false")
 
