@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import dagster as dg
 
 from energy_pipeline.alerts.delivery import MAX_ATTEMPTS, DeliveryStats, deliver_pending
 from energy_pipeline.defs.alerts.resources import AlertChannelsResource
+from energy_pipeline.defs.runs import utcnow  # a module name tests can replace
 from energy_pipeline.resources import PostgresResource
 
 # Stop claiming rows after this long, well inside the daemon's 60 s sensor evaluation timeout;
 # the next tick goes on where this one stopped.
 TICK_BUDGET_S = 40.0
 COUNTERS = ("delivered", "retried", "dead_lettered")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def next_cursor(cursor: str | None, stats: DeliveryStats) -> str:

@@ -9,6 +9,7 @@ import psycopg
 
 from energy_pipeline.config import RUN_TIMEOUT_SECONDS
 from energy_pipeline.defs.minute_rollups.settings import MinuteSensorSettings
+from energy_pipeline.defs.runs import utcnow  # a module name tests can replace
 from energy_pipeline.ledger import ledger_gaps_between
 from energy_pipeline.planning import (
     Cursor,
@@ -55,10 +56,6 @@ MAX_RUNTIME_TAG = "dagster/max_runtime"
 # The queue starts higher numbers first: new minutes go before repairs of older ones.
 PRIORITY_TAG = "dagster/priority"
 REPAIR_PRIORITY = "-1"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _run_request(
