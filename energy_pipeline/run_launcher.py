@@ -1,0 +1,276 @@
+"""A run launcher whose run processes have their libraries imported before the run exists.
+
+Dagster's default launcher asks the code server to start each run in a fresh interpreter, which
+imports dagster, polars, pandera and psycopg before the first step can begin: about 2 s of the
+path from a minute's close to its alert on a loaded two-core host (docs/benchmark.md). Here each
+run still gets a process of its own, as with the default launcher, but that process was started
+earlier and has already imported those libraries: the launcher keeps `spares` such interpreters
+waiting, hands a run to one over its stdin, and starts a replacement a few seconds later (not at
+once, so its imports do not compete with the run that was just launched).
+
+A spare imports only third-party libraries (`PRELOAD`), never this project's modules, so a run
+always executes the project code found on disk when it starts. A run whose code location is not
+a Python module or file of a local environment (a separately deployed gRPC server) is launched
+the default way, and so is a run when a spare cannot be started.
+
+Because the launcher holds its run processes, run monitoring can ask whether one has died: a
+process that exits while its run is still STARTED is reported FAILED, and monitoring fails the
+run within a poll interval instead of at the runtime limit. Termination works from any process:
+the run is marked CANCELING, which the run process watches for (and a local one also gets an
+interrupt at once).
+
+Run `python -m energy_pipeline.run_launcher` is the spare: it is started only by the launcher.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
+from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.tags import GRPC_INFO_TAG
+from dagster._grpc.types import ExecuteRunArgs
+from dagster._serdes import ConfigurableClassData, serialize_value
+
+# What a run of this project imports that is not the project itself (measured with
+# `python -X importtime -c "import energy_pipeline.definitions"`: these are ~85 % of it).
+PRELOAD = (
+    "dagster",
+    "dagster._cli.api",
+    "dagster_postgres",
+    "polars",
+    "pandera.polars",
+    "psycopg",
+    "requests",
+    "yaml",
+)
+
+WORKER_MODULE = "energy_pipeline.run_launcher"
+
+# A spare's interpreter and working directory: those of the code location it serves.
+SpareKey = tuple[str, str | None]
+
+
+class WarmRunLauncher(dg.DefaultRunLauncher):
+    """Launches each run in its own pre-started process with the heavy libraries imported."""
+
+    def __init__(
+        self,
+        inst_data: ConfigurableClassData | None = None,
+        spares: int = 2,
+        respawn_delay_seconds: float = 5.0,
+    ):
+        super().__init__(inst_data=inst_data)
+        self._spare_count = spares
+        self._respawn_delay_s = respawn_delay_seconds
+        self._lock = threading.Lock()
+        self._spares: dict[SpareKey, list[subprocess.Popen]] = {}
+        self._workers: dict[str, subprocess.Popen] = {}
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {
+            "spares": dg.Field(int, default_value=2, is_required=False),
+            "respawn_delay_seconds": dg.Field(float, default_value=5.0, is_required=False),
+        }
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
+    ) -> WarmRunLauncher:
+        return cls(inst_data=inst_data, **config_value)
+
+    # Launching
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        key = _spare_key(run)
+        worker = self._take_spare(key) if key is not None and self._spare_count > 0 else None
+        if worker is None or run.job_code_origin is None:
+            super().launch_run(context)
+            return
+        args = ExecuteRunArgs(
+            job_origin=run.job_code_origin, run_id=run.run_id, instance_ref=self._instance.get_ref()
+        )
+        try:
+            assert worker.stdin is not None
+            worker.stdin.write(serialize_value(args) + "\n")
+            worker.stdin.close()
+        except (BrokenPipeError, OSError):  # the spare died while waiting: launch the default way
+            worker.kill()
+            worker.wait()
+            super().launch_run(context)
+            return
+        with self._lock:
+            self._workers[run.run_id] = worker
+        self._instance.report_engine_event(
+            f"Run handed to a preloaded process (pid {worker.pid}).", run, cls=self.__class__
+        )
+        timer = threading.Timer(self._respawn_delay_s, self._top_up, args=(key,))
+        timer.daemon = True
+        timer.start()
+
+    def waiting_spares(self) -> int:
+        """How many spares are alive and waiting for a run."""
+        with self._lock:
+            return sum(s.poll() is None for group in self._spares.values() for s in group)
+
+    def _take_spare(self, key: SpareKey) -> subprocess.Popen | None:
+        """A waiting spare for `key` (one started now if none waits); None if none can start."""
+        with self._lock:
+            spares = self._spares.setdefault(key, [])
+            while spares:
+                spare = spares.pop(0)
+                if spare.poll() is None:
+                    return spare
+        try:
+            return _start_spare(key)
+        except OSError:
+            return None
+
+    def _top_up(self, key: SpareKey) -> None:
+        with self._lock:
+            spares = self._spares.setdefault(key, [])
+            spares[:] = [s for s in spares if s.poll() is None]
+            missing = self._spare_count - len(spares)
+            try:
+                spares.extend(_start_spare(key) for _ in range(max(missing, 0)))
+            except OSError:
+                pass  # launches fall back to the default way until a spare can start
+            self._reap()
+
+    def _reap(self) -> None:
+        """Forgets run processes that have exited and whose runs are finished (lock held)."""
+        for run_id, worker in list(self._workers.items()):
+            if worker.poll() is not None:
+                run = self._instance.get_run_by_id(run_id)
+                if run is None or run.is_finished:
+                    del self._workers[run_id]
+
+    # Monitoring and termination
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        with self._lock:
+            worker = self._workers.get(run.run_id)
+        if worker is None:
+            # Launched by the code server, or before this process started: nothing to ask, so
+            # it counts as running (as with the default launcher); the runtime limit applies.
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "not a process of this launcher")
+        code = worker.poll()
+        if code is None:
+            return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(worker.pid))
+        if code == 0:
+            return CheckRunHealthResult(WorkerStatus.SUCCESS, run_worker_id=str(worker.pid))
+        return CheckRunHealthResult(
+            WorkerStatus.FAILED,
+            f"run process {worker.pid} exited with code {code}",
+            run_worker_id=str(worker.pid),
+        )
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            return False
+        if GRPC_INFO_TAG in run.tags:  # launched by the code server
+            return super().terminate(run_id)
+        self._instance.report_run_canceling(run)
+        with self._lock:
+            worker = self._workers.get(run_id)
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGINT)
+        # Otherwise the run process sees CANCELING itself (its cancellation thread).
+        return True
+
+    def dispose(self) -> None:
+        with self._lock:
+            spares = [s for group in self._spares.values() for s in group]
+            self._spares.clear()
+        for spare in spares:  # end of stdin: a spare exits without running anything
+            if spare.stdin is not None:
+                spare.stdin.close()
+        for spare in spares:
+            try:
+                spare.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                spare.kill()
+        super().dispose()
+
+
+def _spare_key(run: DagsterRun) -> SpareKey | None:
+    """The interpreter and working directory of the run's code location, when that is a Python
+    module or file this host can start; None for a separately deployed code server."""
+    remote = run.remote_job_origin
+    if remote is None:
+        return None
+    origin = remote.repository_origin.code_location_origin
+    if not isinstance(origin, ManagedGrpcPythonEnvCodeLocationOrigin):
+        return None
+    target = origin.loadable_target_origin
+    return (target.executable_path or sys.executable, target.working_directory)
+
+
+def _start_spare(key: SpareKey) -> subprocess.Popen:
+    executable, working_directory = key
+    return subprocess.Popen(
+        [executable, "-m", WORKER_MODULE],
+        stdin=subprocess.PIPE,
+        cwd=working_directory or None,
+        text=True,
+    )
+
+
+# The spare process
+
+
+def _preload() -> None:
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the run imports what it needs anyway; a missing extra only costs time
+
+
+def _execute(line: str) -> int:
+    """Executes the run `line` names, as `dagster api execute_run` does, plus a thread that
+    interrupts the run when it is marked CANCELING from another process."""
+    from dagster._cli.api import _execute_run_command_body
+    from dagster._cli.utils import get_instance_for_cli
+    from dagster._core.execution.run_cancellation_thread import start_run_cancellation_thread
+    from dagster._serdes import deserialize_value
+    from dagster._utils.interrupts import capture_interrupts
+
+    with capture_interrupts():
+        args = deserialize_value(line, ExecuteRunArgs)
+        with get_instance_for_cli(instance_ref=args.instance_ref) as instance:
+            watcher, stop_watching = start_run_cancellation_thread(instance, args.run_id)
+            try:
+                return _execute_run_command_body(
+                    args.run_id, instance, lambda _event: None, set_exit_code_on_failure=False
+                )
+            finally:
+                stop_watching.set()
+                watcher.join(timeout=15)
+
+
+def worker_main() -> int:
+    _preload()
+    line = sys.stdin.readline().strip()
+    if not line:  # dismissed (or the launcher's process ended) before it got a run
+        return 0
+    return _execute(line)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
