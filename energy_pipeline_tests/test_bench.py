@@ -113,10 +113,19 @@ def test_live_alert_figures_count_duplicates_and_keep_retried_notifications_apar
     import yaml
 
     from energy_pipeline.alerts.rules import parse_rules
-    from energy_pipeline.devtools.bench.live_alerts import Receiver, bench_rules, summarise
+    from energy_pipeline.devtools.bench.live_alerts import (
+        HEARTBEAT_DEVICES,
+        Receiver,
+        bench_rules,
+        summarise,
+    )
+    from energy_pipeline.devtools.simulator import build_fleet
 
     rules = parse_rules(yaml.safe_dump({"rules": bench_rules()}))
     assert len(rules) == 100 and len({r.rule_id for r in rules}) == 100
+    # The every-minute rules watch devices the bench's simulated fleet has.
+    fleet = set(build_fleet(5000, hostile_ids=True)["device_id"].to_list())
+    assert set(HEARTBEAT_DEVICES) <= fleet
 
     end = "2027-01-15T08:00:00+00:00"
     closed = datetime.fromisoformat(end).timestamp()

@@ -26,6 +26,8 @@ from energy_pipeline.devtools.bench.common import pct
 from energy_pipeline.storage import connect
 
 WEBHOOK_SECRET = "bench-webhook-secret"
+# Ordinary device ids of the simulated fleet (index 101, 1203, ...; hostile ids sit elsewhere).
+HEARTBEAT_DEVICES = ("dev-000101", "dev-001203", "dev-002305", "dev-003407", "dev-004509")
 
 
 def bench_rules() -> list[dict[str, Any]]:
@@ -33,11 +35,18 @@ def bench_rules() -> list[dict[str, Any]]:
     hook = {"channels": ["webhook"], "severity": "warning"}
     rules: list[dict[str, Any]] = []
     metrics = ("power_w_avg", "power_w_max", "energy_wh_sum")
-    for i in range(50):
+    for i in range(45):
         metric = metrics[i % 3]
         limit = 1000.0 + i if metric == "energy_wh_sum" else 20_000.0 + 100 * i
         rules.append({"id": f"never-{i:02d}", "kind": "threshold", "metric": metric,
                       "operator": ">", "threshold": limit, **hook})  # fmt: skip
+    # Always true (a draw is never negative) and repeated every minute: every minute of the run
+    # yields latency samples whatever the simulated local time (EV chargers, which the ev-peak
+    # rules watch, run only in local evenings and nights).
+    for i, device in enumerate(HEARTBEAT_DEVICES):
+        rules.append({"id": f"heartbeat-{i}", "kind": "threshold", "entities": [device],
+                      "metric": "power_w_avg", "operator": ">=", "threshold": 0.0,
+                      "cooldown": "1m", **hook})  # fmt: skip
     for i in range(10):
         rules.append({"id": f"ev-peak-{i:02d}", "kind": "threshold", "metric": "power_w_max",
                       "operator": ">", "threshold": 10_000.0 + 100 * i, "cooldown": "5m",
