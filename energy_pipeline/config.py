@@ -1,7 +1,7 @@
 """Settings read from environment variables, with defaults for the local stack.
 
-Every variable is listed in the README. Read once, by `definitions.py` and the CLI; nothing here is
-evaluated at import time.
+Every variable is listed in the README (a test holds the two together). Read once, by
+`definitions.py` and the CLI; nothing here is evaluated at import time.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -22,20 +23,18 @@ class ConfigError(ValueError):
     """A setting is missing or malformed."""
 
 
-def _int(
-    env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None
-) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise ConfigError(f"{name} must be {bounds}, got {value}")
-    return value
+def _parse_int(minimum: int, maximum: int | None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name} must be {bounds}, got {value}")
+        return value
+
+    return parse
 
 
 # URL userinfo (`scheme://user:secret@`), up to the last `@` of the token, since an unencoded `@` in
@@ -140,15 +139,17 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = (env.get(name) or "").strip().lower()
-    if raw == "":
-        return default
-    if raw in TRUE_WORDS:
+def _parse_bool(name: str, raw: str) -> bool:
+    word = raw.lower()
+    if word in TRUE_WORDS:
         return True
-    if raw in FALSE_WORDS:
+    if word in FALSE_WORDS:
         return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    raise ConfigError(f"{name} must be true or false, got {word!r}")
+
+
+def _parse_list(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 def validate_alert_channels(settings: Settings) -> None:
@@ -189,6 +190,13 @@ RUN_TIMEOUT_SECONDS = 900
 
 # The alert channels' secrets: an incoming-webhook URL is its own credential.
 ALERT_SECRET_VARIABLES = ("ALERT_WEBHOOK_SECRET", "ALERT_SLACK_WEBHOOK_URL", "ALERT_SMTP_PASSWORD")
+# Credentials kept only in `Settings.secrets`, never in a field of their own.
+CREDENTIAL_VARIABLES = (
+    "INFLUXDB_TOKEN",
+    "INFLUXDB_USERNAME",
+    "INFLUXDB_PASSWORD",
+    *ALERT_SECRET_VARIABLES,
+)
 SECRET_VARIABLES = (
     "INFLUXDB_URL",
     "INFLUXDB_TOKEN",
@@ -197,50 +205,143 @@ SECRET_VARIABLES = (
     "ENERGY_PG_DSN",
     *ALERT_SECRET_VARIABLES,
 )
+# Documented variables that `Settings` does not read, and the file that does.
+VARIABLES_READ_ELSEWHERE = {
+    "DAGSTER_HOME": "energy_pipeline/cli.py",  # and Dagster itself
+    "ENERGY_SENSOR_LOOP_SECONDS": "energy_pipeline/daemon.py",  # before Dagster loads the code
+}
+
+# The dataclass field metadata key of a field's EnvSetting.
+ENV_METADATA = "energy_pipeline.env"
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything the pipeline and the local stack need to know about their surroundings."""
+class EnvSetting:
+    """How one `Settings` field is read: its variable, the parser of its text (which raises a
+    ConfigError naming the variable) and, for a default built from other settings, `derive`."""
 
-    data_dir: Path
-    influx_port: int
-    pg_port: int
-    influx_url: str
-    influx_database: str
-    influx_retention_policy: str
-    influx_measurement: str
-    pg_dsn: str
-    dagster_pg_url: str
-    raw_retention_days: int = 30
-    settle_seconds: int = 3
-    lateness_seconds: int = 7200
-    late_audit_extra_seconds: int = 3600
-    late_recent_seconds: int = 900
-    late_full_scan_seconds: int = 2700
-    max_range_minutes: int = 60
-    chunk_minutes: int = 5
-    read_parallelism: int = READ_PARALLELISM
-    run_timeout_seconds: int = RUN_TIMEOUT_SECONDS
-    webserver_url: str = "http://127.0.0.1:3000"
+    variable: str
+    parse: Callable[[str, str], Any]
+    derive: Callable[[Mapping[str, Any]], Any] | None = None
+    # Leading and trailing blanks are ignored (a blank value then means unset).
+    strip: bool = False
+
+
+def _declare(spec: EnvSetting, default: Any) -> Any:
+    if spec.derive is not None:
+        return field(metadata={ENV_METADATA: spec})
+    return field(default=default, metadata={ENV_METADATA: spec})
+
+
+def env_int(variable: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    """A `Settings` field read from `variable` as an integer within [minimum, maximum]."""
+    return _declare(EnvSetting(variable, _parse_int(minimum, maximum)), default)
+
+
+def env_str(
+    variable: str,
+    default: str = "",
+    *,
+    derive: Callable[[Mapping[str, Any]], str] | None = None,
+    validate: Callable[[str, str], str] | None = None,
+) -> str:
+    """A `Settings` field read from `variable` as text, checked by `validate(variable, text)`; its
+    default is `default`, or `derive(settings read so far)` (checked the same way)."""
+    return _declare(EnvSetting(variable, validate or _keep, derive), default)
+
+
+def env_bool(variable: str, default: bool) -> bool:
+    """A `Settings` field read from `variable` as a yes/no word (`TRUE_WORDS`, `FALSE_WORDS`)."""
+    return _declare(EnvSetting(variable, _parse_bool, strip=True), default)
+
+
+def env_list(variable: str) -> tuple[str, ...]:
+    """A `Settings` field read from `variable` as comma-separated items; empty by default."""
+    return _declare(EnvSetting(variable, _parse_list), ())
+
+
+def env_path(
+    variable: str,
+    default: Path | None = None,
+    *,
+    derive: Callable[[Mapping[str, Any]], Path] | None = None,
+) -> Path:
+    """A `Settings` field read from `variable` as a path: `default`, or `derive(settings so far)`
+    when unset."""
+    return _declare(EnvSetting(variable, lambda _, raw: Path(raw), derive), default)
+
+
+def _keep(name: str, raw: str) -> str:
+    return raw
+
+
+def _local_pg(settings: Mapping[str, Any], database: str) -> str:
+    return f"postgresql://postgres@127.0.0.1:{settings['pg_port']}/{database}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the pipeline and the local stack need to know about their surroundings.
+
+    Each field is declared once, with its variable, default and parser; `from_env` reads them in
+    this order, so a derived default sees the fields above it.
+    """
+
+    data_dir: Path = env_path("ENERGY_DATA_DIR", PROJECT_ROOT / ".data")
+    influx_port: int = env_int("ENERGY_INFLUX_PORT", 18086, 1, 65535)
+    pg_port: int = env_int("ENERGY_PG_PORT", 15432, 1, 65535)
+    influx_url: str = env_str(
+        "INFLUXDB_URL",
+        derive=lambda s: f"http://127.0.0.1:{s['influx_port']}",
+        validate=validate_http_url,
+    )
+    influx_database: str = env_str("INFLUXDB_DATABASE", "energy")
+    influx_retention_policy: str = env_str("INFLUXDB_RETENTION_POLICY", "")
+    influx_measurement: str = env_str("INFLUXDB_MEASUREMENT", "telemetry")
+    pg_dsn: str = env_str(
+        "ENERGY_PG_DSN", derive=lambda s: _local_pg(s, "energy"), validate=validate_pg_dsn
+    )
+    # Not rewritten: the plain `dagster` CLI reads DAGSTER_PG_URL through dagster.yaml as is, so
+    # every entry point must see a URL that works unchanged.
+    dagster_pg_url: str = env_str(
+        "DAGSTER_PG_URL",
+        derive=lambda s: dagster_storage_url(_local_pg(s, "dagster")),
+        validate=validate_dagster_pg_url,
+    )
+    raw_retention_days: int = env_int("ENERGY_RAW_RETENTION_DAYS", 30, 1)
+    settle_seconds: int = env_int("ENERGY_SETTLE_SECONDS", 3)
+    lateness_seconds: int = env_int("ENERGY_LATENESS_SECONDS", 7200)
+    late_audit_extra_seconds: int = env_int("ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600)
+    late_recent_seconds: int = env_int("ENERGY_LATE_RECENT_SECONDS", 900, 60)
+    late_full_scan_seconds: int = env_int("ENERGY_LATE_FULL_SCAN_SECONDS", 2700)
+    max_range_minutes: int = env_int("ENERGY_MAX_RANGE_MINUTES", 60, 1)
+    chunk_minutes: int = env_int("ENERGY_CHUNK_MINUTES", 5, 1)
+    read_parallelism: int = env_int("ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10)
+    run_timeout_seconds: int = env_int("ENERGY_RUN_TIMEOUT_SECONDS", RUN_TIMEOUT_SECONDS, 10)
+    webserver_url: str = env_str(
+        "DAGSTER_WEBSERVER_URL", "http://127.0.0.1:3000", validate=validate_http_url
+    )
     # Retention horizons in days (0: kept forever); see energy_pipeline/retention/.
-    retention_device_rollup_1m_days: int = 35
-    retention_household_rollup_5m_days: int = 400
-    retention_device_rollup_1h_days: int = 0
-    retention_daily_report_days: int = 0
-    retention_quarantine_days: int = 30
-    retention_alerts_days: int = 400
+    retention_device_rollup_1m_days: int = env_int("ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS", 35)
+    retention_household_rollup_5m_days: int = env_int(
+        "ENERGY_RETENTION_HOUSEHOLD_ROLLUP_5M_DAYS", 400
+    )
+    retention_device_rollup_1h_days: int = env_int("ENERGY_RETENTION_DEVICE_ROLLUP_1H_DAYS", 0)
+    retention_daily_report_days: int = env_int("ENERGY_RETENTION_DAILY_REPORT_DAYS", 0)
+    retention_quarantine_days: int = env_int("ENERGY_RETENTION_QUARANTINE_DAYS", 30)
+    retention_alerts_days: int = env_int("ENERGY_RETENTION_ALERTS_DAYS", 400)
     # Alert channels (secrets: ALERT_WEBHOOK_SECRET, ALERT_SLACK_WEBHOOK_URL, ALERT_SMTP_PASSWORD
     # in `secrets`); see energy_pipeline/alerts/channels.py.
-    alert_webhook_url: str = ""
-    alert_smtp_host: str = ""
-    alert_smtp_port: int = 587
-    alert_smtp_username: str = ""
-    alert_smtp_from: str = ""
-    alert_smtp_to: tuple[str, ...] = ()
-    alert_smtp_starttls: bool = True
+    alert_webhook_url: str = env_str("ALERT_WEBHOOK_URL")
+    alert_smtp_host: str = env_str("ALERT_SMTP_HOST")
+    alert_smtp_port: int = env_int("ALERT_SMTP_PORT", 587, 1, 65535)
+    alert_smtp_username: str = env_str("ALERT_SMTP_USERNAME")
+    alert_smtp_from: str = env_str("ALERT_SMTP_FROM")
+    alert_smtp_to: tuple[str, ...] = env_list("ALERT_SMTP_TO")
+    alert_smtp_starttls: bool = env_bool("ALERT_SMTP_STARTTLS", True)
     # Rendered reports (fleet overviews, household pages); see energy_pipeline/reports/.
-    reports_dir: Path = PROJECT_ROOT / ".data" / "reports"
+    reports_dir: Path = env_path("ENERGY_REPORTS_DIR", derive=lambda s: s["data_dir"] / "reports")
+    # The CREDENTIAL_VARIABLES that are set, by variable.
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
     # from the environment: Dagster gets them as EnvVars, resolved at run time.
@@ -257,70 +358,22 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        data_dir = Path(env.get("ENERGY_DATA_DIR") or PROJECT_ROOT / ".data")
-        influx_port = _int(env, "ENERGY_INFLUX_PORT", 18086, 1, 65535)
-        pg_port = _int(env, "ENERGY_PG_PORT", 15432, 1, 65535)
-        local_pg = f"postgresql://postgres@127.0.0.1:{pg_port}"
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            spec = f.metadata.get(ENV_METADATA)
+            if spec is None:
+                continue
+            raw = env.get(spec.variable) or ""
+            raw = raw.strip() if spec.strip else raw
+            if raw:
+                values[f.name] = spec.parse(spec.variable, raw)
+            elif spec.derive is not None:
+                values[f.name] = spec.parse(spec.variable, spec.derive(values))
+            else:
+                values[f.name] = f.default
         settings = cls(
-            data_dir=data_dir,
-            influx_port=influx_port,
-            pg_port=pg_port,
-            influx_url=validate_http_url(
-                "INFLUXDB_URL", env.get("INFLUXDB_URL") or f"http://127.0.0.1:{influx_port}"
-            ),
-            influx_database=env.get("INFLUXDB_DATABASE") or "energy",
-            influx_retention_policy=env.get("INFLUXDB_RETENTION_POLICY") or "",
-            influx_measurement=env.get("INFLUXDB_MEASUREMENT") or "telemetry",
-            pg_dsn=validate_pg_dsn(
-                "ENERGY_PG_DSN", env.get("ENERGY_PG_DSN") or f"{local_pg}/energy"
-            ),
-            # Not rewritten: the plain `dagster` CLI reads DAGSTER_PG_URL through dagster.yaml as
-            # is, so every entry point must see a URL that works unchanged.
-            dagster_pg_url=validate_dagster_pg_url(
-                "DAGSTER_PG_URL",
-                env.get("DAGSTER_PG_URL") or dagster_storage_url(f"{local_pg}/dagster"),
-            ),
-            raw_retention_days=_int(env, "ENERGY_RAW_RETENTION_DAYS", 30, 1),
-            settle_seconds=_int(env, "ENERGY_SETTLE_SECONDS", 3),
-            lateness_seconds=_int(env, "ENERGY_LATENESS_SECONDS", 7200),
-            late_audit_extra_seconds=_int(env, "ENERGY_LATE_AUDIT_EXTRA_SECONDS", 3600),
-            late_recent_seconds=_int(env, "ENERGY_LATE_RECENT_SECONDS", 900, 60),
-            late_full_scan_seconds=_int(env, "ENERGY_LATE_FULL_SCAN_SECONDS", 2700),
-            max_range_minutes=_int(env, "ENERGY_MAX_RANGE_MINUTES", 60, 1),
-            chunk_minutes=_int(env, "ENERGY_CHUNK_MINUTES", 5, 1),
-            read_parallelism=_int(env, "ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10),
-            run_timeout_seconds=_int(env, "ENERGY_RUN_TIMEOUT_SECONDS", RUN_TIMEOUT_SECONDS, 10),
-            webserver_url=validate_http_url(
-                "DAGSTER_WEBSERVER_URL", env.get("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000"
-            ),
-            retention_device_rollup_1m_days=_int(env, "ENERGY_RETENTION_DEVICE_ROLLUP_1M_DAYS", 35),
-            retention_household_rollup_5m_days=_int(
-                env, "ENERGY_RETENTION_HOUSEHOLD_ROLLUP_5M_DAYS", 400
-            ),
-            retention_device_rollup_1h_days=_int(env, "ENERGY_RETENTION_DEVICE_ROLLUP_1H_DAYS", 0),
-            retention_daily_report_days=_int(env, "ENERGY_RETENTION_DAILY_REPORT_DAYS", 0),
-            retention_quarantine_days=_int(env, "ENERGY_RETENTION_QUARANTINE_DAYS", 30),
-            retention_alerts_days=_int(env, "ENERGY_RETENTION_ALERTS_DAYS", 400),
-            alert_webhook_url=env.get("ALERT_WEBHOOK_URL") or "",
-            alert_smtp_host=env.get("ALERT_SMTP_HOST") or "",
-            alert_smtp_port=_int(env, "ALERT_SMTP_PORT", 587, 1, 65535),
-            alert_smtp_username=env.get("ALERT_SMTP_USERNAME") or "",
-            alert_smtp_from=env.get("ALERT_SMTP_FROM") or "",
-            alert_smtp_to=tuple(
-                a.strip() for a in env.get("ALERT_SMTP_TO", "").split(",") if a.strip()
-            ),
-            alert_smtp_starttls=_bool(env, "ALERT_SMTP_STARTTLS", True),
-            reports_dir=Path(env.get("ENERGY_REPORTS_DIR") or data_dir / "reports"),
-            secrets={
-                k: env[k]
-                for k in (
-                    "INFLUXDB_TOKEN",
-                    "INFLUXDB_USERNAME",
-                    "INFLUXDB_PASSWORD",
-                    *ALERT_SECRET_VARIABLES,
-                )
-                if env.get(k)
-            },
+            **values,
+            secrets={k: env[k] for k in CREDENTIAL_VARIABLES if env.get(k)},
             # A URL is a secret only when it carries userinfo.
             env_secrets=frozenset(
                 k for k in SECRET_VARIABLES if env.get(k) and (k != "INFLUXDB_URL" or "@" in env[k])
@@ -342,3 +395,16 @@ class Settings:
         validate_horizons(settings)
         validate_alert_channels(settings)
         return settings
+
+
+def _env_settings() -> dict[str, EnvSetting]:
+    """Each `Settings` field read from the environment, by field name, in declaration order."""
+    return {
+        f.name: f.metadata[ENV_METADATA] for f in fields(Settings) if ENV_METADATA in f.metadata
+    }
+
+
+def setting_variables() -> dict[str, str]:
+    """Every environment variable `Settings.from_env` reads, with the field that holds it."""
+    declared = {spec.variable: name for name, spec in _env_settings().items()}
+    return declared | {variable: "secrets" for variable in CREDENTIAL_VARIABLES}
