@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import sys
 import traceback
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from energy_pipeline.config import (
     ALERT_SECRET_VARIABLES,
@@ -19,12 +21,33 @@ from energy_pipeline.config import (
     dsn_secrets,
     scrub,
 )
-from energy_pipeline.devtools.services import LocalInflux, LocalPostgres, ServiceError
 from energy_pipeline.influx import InfluxClient, InfluxError
 from energy_pipeline.storage import StorageError, connect, redact_dsn
 
+if TYPE_CHECKING:
+    from energy_pipeline.devtools.services import LocalInflux, LocalPostgres
+
+# The production image leaves out energy_pipeline.devtools (simulator, local servers, bench): the
+# commands that need it import it when they run, after checking it is there.
+DEVTOOLS = "energy_pipeline.devtools"
+
+
+class DevToolsMissing(Exception):
+    """A development command was run where the development tools are not installed."""
+
+
+def _require_devtools(command: str) -> None:
+    if importlib.util.find_spec(DEVTOOLS) is None:
+        raise DevToolsMissing(
+            f"`{command}` needs the development tools ({DEVTOOLS}: simulator, local servers, "
+            "bench), not installed in this image; use the development image (docker build "
+            "--target dev) or an install from a checkout of the repository"
+        )
+
 
 def _servers(settings: Settings) -> tuple[LocalInflux, LocalPostgres]:
+    from energy_pipeline.devtools.services import LocalInflux, LocalPostgres
+
     return (
         LocalInflux(settings.data_dir / "influxdb", settings.influx_port),
         LocalPostgres(settings.data_dir / "postgres", settings.pg_port),
@@ -365,9 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energy-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("services", help="install-free control of the local InfluxDB/PostgreSQL")
+    p = sub.add_parser(
+        "services",
+        help="install-free control of the local InfluxDB/PostgreSQL (development tools)",
+    )
     p.add_argument("action", choices=["up", "down", "status"])
-    p.set_defaults(func=cmd_services)
+    p.set_defaults(func=cmd_services, needs_devtools=True)
 
     p = sub.add_parser("migrate", help="apply schema migrations to ENERGY_PG_DSN")
     p.set_defaults(func=cmd_migrate)
@@ -377,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("simulate", help="write simulated device telemetry to InfluxDB")
+    p = sub.add_parser(
+        "simulate", help="write simulated device telemetry to InfluxDB (development tools)"
+    )
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--minutes", type=int, default=0, help="write N minutes of history and exit")
     p.add_argument("--duration", type=float, default=0, help="live: stop after N seconds")
@@ -391,9 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-rate", type=float, default=0.01)
     p.add_argument("--hostile", action="store_true", help="include hostile tag values")
     p.add_argument("--no-register", action="store_true", help="do not register devices in PG")
-    p.set_defaults(func=cmd_simulate)
+    p.set_defaults(func=cmd_simulate, needs_devtools=True)
 
-    p = sub.add_parser("bench", help="measure the minute path against InfluxDB and raw PostgreSQL")
+    p = sub.add_parser(
+        "bench",
+        help="measure the minute path against InfluxDB and raw PostgreSQL (development tools)",
+    )
     p.add_argument("--quick", action="store_true", help="500 devices, 3 minutes, short reads")
     p.add_argument("--devices", type=int)
     p.add_argument("--minutes", type=int, help="single-minute runs to measure (default 10)")
@@ -418,14 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="live section with 100 alert rules and a webhook receiver (latency, retries)",
     )
     p.add_argument("--json", help="also write the figures as JSON to this path")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, needs_devtools=True)
 
-    p = sub.add_parser("live", help="services + simulator + Dagster webserver and daemon")
+    p = sub.add_parser(
+        "live", help="services + simulator + Dagster webserver and daemon (development tools)"
+    )
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--faults", default="")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: Ctrl-C)")
-    p.set_defaults(func=cmd_live)
+    p.set_defaults(func=cmd_live, needs_devtools=True)
 
     p = sub.add_parser("devices", help="device registry: import a CSV, discover InfluxDB's devices")
     dev = p.add_subparsers(dest="action", required=True)
@@ -455,14 +488,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "needs_devtools", False):
+            _require_devtools(args.command)
         settings = Settings.from_env()
         return int(args.func(args, settings) or 0)
-    except (ConfigError, ServiceError, InfluxError, StorageError) as exc:
+    except _reported_errors() as exc:
         print(f"energy-pipeline: {scrub(str(exc), _env_secrets())}", file=sys.stderr)
         return 2
     except Exception:  # noqa: BLE001 - a library error may quote a DSN or URL with its password
         print(scrub(traceback.format_exc(), _env_secrets()), file=sys.stderr)
         return 1
+
+
+def _reported_errors() -> tuple[type[Exception], ...]:
+    """Errors printed as one line: bad settings, unreachable servers, missing tools."""
+    errors: tuple[type[Exception], ...] = (ConfigError, InfluxError, StorageError, DevToolsMissing)
+    # Only a development command loads the local servers' module, and only it raises ServiceError.
+    services = sys.modules.get(f"{DEVTOOLS}.services")
+    return errors + ((services.ServiceError,) if services is not None else ())
 
 
 def _env_secrets() -> set[str]:
