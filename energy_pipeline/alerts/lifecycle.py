@@ -18,6 +18,8 @@ No Dagster here.
 
 from __future__ import annotations
 
+import functools
+import json
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,6 @@ from typing import Any
 
 import polars as pl
 import psycopg
-from psycopg.types.json import Jsonb
 
 from energy_pipeline.alerts.evaluate import GRAIN_STEP, WindowEvaluation, evaluate_window
 from energy_pipeline.alerts.rules import ANOMALY_OPERATOR, Rule
@@ -179,9 +180,15 @@ def _step(state: _State, rules: dict[str, Rule], ev: WindowEvaluation) -> None:
 
 def _values_of(ev: WindowEvaluation, keys: list[Key]) -> dict[Key, dict[str, Any]]:
     wanted = pl.DataFrame(keys, schema={"rule_id": pl.String, "entity": pl.String}, orient="row")
-    found = ev.results.filter(pl.col("rule_id").is_in(wanted["rule_id"].unique().implode())).join(
-        wanted, on=["rule_id", "entity"], how="semi"
+    # The rows of the wanted entities first (a cheap one-column test), then the exact pairs:
+    # hashing (rule, entity) over every pair of the window costs more than the rest of a step.
+    results = ev.results
+    near = results.gather(
+        results.get_column("entity")
+        .is_in(wanted.get_column("entity").unique().implode())
+        .arg_true()
     )
+    found = near.join(wanted, on=["rule_id", "entity"], how="semi")
     return {(r["rule_id"], r["entity"]): r for r in found.iter_rows(named=True)}
 
 
@@ -202,7 +209,37 @@ def _catch_up(state: _State) -> None:
             last_repeat[id(episode)] = event
 
 
+_UPDATE_EPISODES = """
+UPDATE energy.alerts a SET state = u.state, last_value = u.last_value,
+       last_bucket = u.last_bucket, resolved_at = u.resolved_at,
+       last_notified_at = u.last_notified_at, repeats = u.repeats
+FROM unnest(%b::bigint[], %b::text[], %b::float8[], %b::timestamptz[], %b::timestamptz[],
+            %b::timestamptz[], %b::integer[])
+     AS u(alert_id, state, last_value, last_bucket, resolved_at, last_notified_at, repeats)
+WHERE a.alert_id = u.alert_id
+"""
+_INSERT_EPISODES = """
+INSERT INTO energy.alerts (state, last_value, last_bucket, resolved_at, last_notified_at, repeats,
+                           rule_id, entity, entity_type, grain, started_at, first_value)
+SELECT state, last_value, last_bucket, resolved_at, last_notified_at, repeats, rule_id, entity,
+       entity_type, %s, started_at, first_value
+FROM unnest(%b::text[], %b::float8[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[],
+            %b::integer[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::float8[])
+     WITH ORDINALITY AS n(state, last_value, last_bucket, resolved_at, last_notified_at, repeats,
+                          rule_id, entity, entity_type, started_at, first_value, ordinal)
+ORDER BY ordinal
+RETURNING alert_id, rule_id, entity, started_at
+"""
+
+
+def _columns(rows: list[tuple]) -> list[list]:
+    """Rows as one list per column: each becomes one array parameter of an `unnest`."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 def _write_episodes(cur: psycopg.Cursor, episodes: list[Episode], grain: str) -> None:
+    """Changed episodes in one UPDATE, new ones in one INSERT (in episode order)."""
+
     def values(ep: Episode) -> tuple:
         state = "resolved" if ep.resolved_at else "firing"
         return (
@@ -213,33 +250,27 @@ def _write_episodes(cur: psycopg.Cursor, episodes: list[Episode], grain: str) ->
     changed = [ep for ep in episodes if ep.alert_id is not None and ep.changed]
     # Updates first: an episode resolved in this batch frees its (rule, entity) for a new one.
     if changed:
-        cur.executemany(
-            "UPDATE energy.alerts SET state = %s, last_value = %s, last_bucket = %s, "
-            "resolved_at = %s, last_notified_at = %s, repeats = %s WHERE alert_id = %s",
-            [(*values(ep), ep.alert_id) for ep in changed],
-        )
+        cur.execute(_UPDATE_EPISODES, _columns([(ep.alert_id, *values(ep)) for ep in changed]))
     if new:
-        cur.executemany(
-            "INSERT INTO energy.alerts (state, last_value, last_bucket, resolved_at, "
-            "last_notified_at, repeats, rule_id, entity, entity_type, grain, started_at, "
-            "first_value) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "RETURNING alert_id",
-            [(*values(ep), ep.rule_id, ep.entity, ep.entity_type, grain, ep.started_at,
-              ep.first_value) for ep in new],
-            returning=True,
+        cur.execute(
+            _INSERT_EPISODES,
+            [grain, *_columns([(*values(ep), ep.rule_id, ep.entity, ep.entity_type,
+                                ep.started_at, ep.first_value) for ep in new])],
         )  # fmt: skip
+        # (rule, entity, start) is unique, in the table and so in the batch.
+        ids = {(r, e, s): alert_id for alert_id, r, e, s in cur.fetchall()}
         for ep in new:
-            ep.alert_id = cur.fetchone()[0]  # type: ignore[index]
-            cur.nextset()
+            ep.alert_id = ids[(ep.rule_id, ep.entity, ep.started_at)]
 
 
 def _write_pending(cur: psycopg.Cursor, rule_ids: list[str], pending: dict[Key, Pending]) -> None:
     cur.execute("DELETE FROM energy.alert_pending WHERE rule_id = ANY(%s)", (rule_ids,))
     if pending:
-        cur.executemany(
+        cur.execute(
             "INSERT INTO energy.alert_pending (rule_id, entity, first_bucket, last_bucket, "
-            "windows) VALUES (%s, %s, %s, %s, %s)",
-            [(r, e, p.first, p.last, p.windows) for (r, e), p in pending.items()],
+            "windows) SELECT * FROM unnest(%b::text[], %b::text[], %b::timestamptz[], "
+            "%b::timestamptz[], %b::integer[])",
+            _columns([(r, e, p.first, p.last, p.windows) for (r, e), p in pending.items()]),
         )
 
 
@@ -296,10 +327,16 @@ def payload(rule: Rule, event: Event, grain: str) -> dict[str, Any]:
     return data
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _quoted(part: str) -> str:
+    # The same rules and entities come back every window.
+    return urllib.parse.quote(part, safe="")
+
+
 def idempotency_key(ep: Episode, event: Event) -> str:
     """rule:entity:start:kind:seq, rule and entity percent-encoded so no ':' of theirs can make
     two different pairs share a key; plain ids read as they are."""
-    rule, entity = (urllib.parse.quote(part, safe="") for part in (ep.rule_id, ep.entity))
+    rule, entity = _quoted(ep.rule_id), _quoted(ep.entity)
     return f"{rule}:{entity}:{ep.started_at.isoformat()}:{event.kind}:{event.seq}"
 
 
@@ -307,12 +344,30 @@ _OUTBOX_COLUMNS = (
     "idempotency_key, alert_id, rule_id, entity, channel, kind, payload, suppressed, "
     "next_attempt_at"
 )
+# One INSERT in event order: a key written before (a re-run) is skipped and returns nothing.
+# The rows travel as one JSON array (one `json.dumps`, no per-value adaptation); each payload
+# is parsed once, as part of it.
+_INSERT_OUTBOX = f"""
+INSERT INTO energy.alert_outbox ({_OUTBOX_COLUMNS})
+SELECT idempotency_key, alert_id, rule_id, entity, channel, kind, payload, suppressed,
+       %s::timestamptz
+FROM ROWS FROM (jsonb_to_recordset(%s::jsonb)
+                AS (idempotency_key text, alert_id bigint, rule_id text, entity text,
+                    channel text, kind text, payload jsonb, suppressed text))
+     WITH ORDINALITY AS n(idempotency_key, alert_id, rule_id, entity, channel, kind, payload,
+                          suppressed, ordinal)
+ORDER BY ordinal
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING outbox_id, suppressed IS NOT NULL
+"""
 
 
 def _write_outbox(
     cur: psycopg.Cursor, rules: dict[str, Rule], events: list[Event], grain: str, now: datetime
 ) -> tuple[list[int], int]:
     """One row per event and channel; returns the ids to deliver and the suppressed count."""
+    if not events:
+        return [], 0
     cur.execute(
         "SELECT rule_id, entity, until, reason FROM energy.alert_silences WHERE until > %s "
         "ORDER BY until DESC",
@@ -323,28 +378,24 @@ def _write_outbox(
     for event in events:
         ep, rule = event.episode, rules[event.episode.rule_id]
         reason = event.suppressed or _silence(silences, ep.rule_id, ep.entity)
-        body = Jsonb(payload(rule, event, grain))
+        body = payload(rule, event, grain)
         key = idempotency_key(ep, event)
         for channel in rule.channels:
-            rows.append((f"{key}:{channel}", ep.alert_id, ep.rule_id, ep.entity, channel,
-                         event.kind, body, reason, now))  # fmt: skip
+            rows.append(
+                {
+                    "idempotency_key": f"{key}:{channel}",
+                    "alert_id": ep.alert_id,
+                    "rule_id": ep.rule_id,
+                    "entity": ep.entity,
+                    "channel": channel,
+                    "kind": event.kind,
+                    "payload": body,
+                    "suppressed": reason,
+                }
+            )
     if not rows:
         return [], 0
-    # COPY into a transaction-local table, then one INSERT … ON CONFLICT in event order: a key
-    # written before (a re-run) is skipped and returns nothing.
-    cur.execute(
-        "CREATE TEMP TABLE alert_outbox_new (ordinal integer, idempotency_key text, "
-        "alert_id bigint, rule_id text, entity text, channel text, kind text, payload jsonb, "
-        "suppressed text, next_attempt_at timestamptz) ON COMMIT DROP"
-    )
-    with cur.copy(f"COPY alert_outbox_new (ordinal, {_OUTBOX_COLUMNS}) FROM STDIN") as copy:
-        for ordinal, row in enumerate(rows):
-            copy.write_row((ordinal, *row))
-    cur.execute(
-        f"INSERT INTO energy.alert_outbox ({_OUTBOX_COLUMNS}) "
-        f"SELECT {_OUTBOX_COLUMNS} FROM alert_outbox_new ORDER BY ordinal "
-        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING outbox_id, suppressed IS NOT NULL"
-    )
+    cur.execute(_INSERT_OUTBOX, (now, json.dumps(rows)))
     written = cur.fetchall()
     to_send = sorted(outbox_id for outbox_id, held in written if not held)
     suppressed = sum(1 for _, held in written if held)
