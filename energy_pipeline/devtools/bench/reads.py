@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import resource
 import subprocess
 import tempfile
 import threading
@@ -102,8 +104,9 @@ def load_read_history(
         points_total += points.height
         if (i + 1) % 4 == 0 or i + 1 == len(windows):
             say(f"  read history: {i + 1}/{len(windows)} hours ({points_total:,} points)")
-    # The planner must see the new rows, and index-only scans need the visibility map that
-    # autovacuum would have set on day-old rows in production; the bench wrote them just now.
+    # The planner must see the new rows, and index-only scans need the visibility map. The
+    # rollup partitions are autovacuumed every 1,000 new rows (migration 0011), so in production
+    # at most the last minute's rows lack it; the bench wrote a day just now.
     conn.execute(f"VACUUM (ANALYZE) {RAW_TABLE}")
     conn.execute("VACUUM (ANALYZE) energy.device_rollup_1m")
     return {"points": points_total, "seconds": time.perf_counter() - t0}
@@ -250,6 +253,162 @@ def _readers(
     }
 
 
+PROTOCOLS = ("simple", "extended", "prepared")
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a local process has used so far (None: not readable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_per_query(
+    dsn: str,
+    query: str,
+    sample: pl.DataFrame,
+    window: tuple[datetime, datetime],
+    protocol: str,
+    seconds: float,
+    seed: int,
+) -> dict[str, Any]:
+    """One pgbench client running `query` over `protocol`: CPU per query of its PostgreSQL backend
+    (from /proc, over the middle of the run) and of pgbench itself.
+
+    CPU time barely depends on what else runs on the machine, unlike latency, so it compares
+    query shapes and protocols on a shared host. The server must be local (the bench's is).
+    """
+    pgbench = str(LocalPostgres.bin_dir() / "pgbench")
+    tag = f"bench-cpu-{os.getpid()}-{protocol}"
+    seconds = max(round(seconds), 3)
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp, psycopg.connect(dsn) as conn:
+        conn.autocommit = True
+        script = Path(tmp) / "q.sql"
+        script.write_text(_pgbench_script(conn, query, sample, window))
+        args = [pgbench, "--no-vacuum", "--client", "1", "--time", str(seconds),
+                "--protocol", protocol, "--random-seed", str(seed), "--file", str(script),
+                "--log", "--log-prefix", f"{tmp}/latency", dsn]  # fmt: skip
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.Popen(
+            args,
+            env={**os.environ, "PGAPPNAME": tag},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        pid = None
+        started = time.monotonic()
+        while pid is None and time.monotonic() - started < 5 and proc.poll() is None:
+            row = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (tag,)
+            ).fetchone()
+            pid = row[0] if row else None
+            if pid is None:
+                time.sleep(0.05)
+        # The middle of the run: connecting and the first, custom-planned executions excluded.
+        time.sleep(0.5)
+        t0, c0 = time.time(), _cpu_s(pid) if pid else None
+        time.sleep(max(seconds - 1.5, 1.0))
+        t1, c1 = time.time(), _cpu_s(pid) if pid else None
+        _, err = proc.communicate()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {err.decode(errors='replace').strip()[-500:]}")
+        stamps = [
+            int(f[4]) + int(f[5]) / 1e6
+            for log in Path(tmp).glob("latency.*")
+            for f in (line.split() for line in log.read_text().splitlines())
+        ]
+    in_window = sum(t0 <= t < t1 for t in stamps)
+    client_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    backend = (
+        (c1 - c0) / in_window * 1000 if c0 is not None and c1 is not None and in_window else None
+    )
+    return {
+        "queries": len(stamps),
+        "qps": len(stamps) / seconds,
+        "backend_cpu_ms": backend,
+        "pgbench_cpu_ms": client_s / len(stamps) * 1000 if stamps else None,
+    }
+
+
+def _binary_cpu_per_query(
+    dsn: str,
+    query: str,
+    sample: pl.DataFrame,
+    window: tuple[datetime, datetime],
+    seconds: float,
+    seed: int,
+) -> dict[str, Any]:
+    """CPU per query of the backend when the client prepares `query` once and asks for binary
+    results, as pgx (Grafana) does by default and pgjdbc (Metabase) does once a statement is
+    server-prepared; pgbench can only ask for text.
+
+    The window is written into the SQL text as in the pgbench scripts, the household or device
+    is bound.
+    """
+    rng = random.Random(seed)
+    households = sample["household_id"].unique().sort().to_list()
+    devices = sample["device_id"].to_list()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        text = query % {
+            "h": "%(h)s",
+            "d": "%(d)s",
+            "s": sql.Literal(window[0]).as_string(conn),
+            "e": sql.Literal(window[1]).as_string(conn),
+        }
+        pid = conn.info.backend_pid
+
+        def one() -> None:
+            params = {"h": rng.choice(households), "d": rng.choice(devices)}
+            conn.cursor(binary=True).execute(text, params, prepare=True).fetchall()
+
+        for _ in range(20):  # past the custom plans the plan cache starts with
+            one()
+        c0, t0, n = _cpu_s(pid), time.monotonic(), 0
+        while time.monotonic() - t0 < seconds:
+            one()
+            n += 1
+        c1 = _cpu_s(pid)
+    backend = (c1 - c0) / n * 1000 if c0 is not None and c1 is not None and n else None
+    return {"queries": n, "backend_cpu_ms": backend}
+
+
+def explain_device_day(
+    conn: psycopg.Connection, device_id: str, window: tuple[datetime, datetime]
+) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the one-device-day query: the partitions it scans, how, and
+    how many heap pages the index-only scans still had to visit."""
+    query = READ_QUERIES["device_1m_24h"][0]
+    row = conn.execute(
+        f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}",
+        {"d": device_id, "s": window[0], "e": window[1]},
+    ).fetchone()
+    doc = row[0] if row else [{}]
+    plan = (json.loads(doc) if isinstance(doc, str) else doc)[0]
+    scans: list[dict[str, Any]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if "Relation Name" in node:
+            scans.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan["Plan"])
+    return {
+        "top_node": plan["Plan"]["Node Type"],
+        "partitions_scanned": len(scans),
+        "scan_types": sorted({n["Node Type"] for n in scans}),
+        "heap_fetches": sum(n.get("Heap Fetches", 0) for n in scans),
+        "shared_buffers_touched": plan["Plan"].get("Shared Hit Blocks", 0)
+        + plan["Plan"].get("Shared Read Blocks", 0),
+        "rows": plan["Plan"].get("Actual Rows"),
+        "planning_ms": plan.get("Planning Time"),
+        "execution_ms": plan.get("Execution Time"),
+    }
+
+
 def measure_reads(
     targets: BenchTargets,
     fleet: pl.DataFrame,
@@ -328,6 +487,32 @@ def measure_reads(
     alone = (sample, window, 1, min(opts.read_seconds, 15.0), opts.seed)
     single = {"rollup": _readers(targets.pg_dsn, 0, *alone),
               "raw": _readers(targets.pg_dsn, 1, *alone)}  # fmt: skip
+    # CPU per query, one client, each protocol: pgbench's text results over the simple protocol
+    # (a tool that sends SQL text), the extended one (parse and plan every time, as an unnamed
+    # statement) and prepared (planned once per connection, then executed).
+    cpu_seconds = min(opts.read_seconds, 10.0)
+    cpu = {
+        name: {
+            protocol: _cpu_per_query(
+                targets.pg_dsn,
+                READ_QUERIES[name][0],
+                sample,
+                window,
+                protocol,
+                cpu_seconds,
+                opts.seed,
+            )
+            for protocol in PROTOCOLS
+        }
+        | {
+            "prepared_binary": _binary_cpu_per_query(
+                targets.pg_dsn, READ_QUERIES[name][0], sample, window, cpu_seconds, opts.seed
+            )
+        }
+        for name in READ_QUERIES
+    }
+    with connect(targets.pg_dsn) as conn:
+        plan = explain_device_day(conn, sample["device_id"][0], window)
     return {
         "readers": opts.readers,
         "seconds_each": opts.read_seconds,
@@ -346,4 +531,6 @@ def measure_reads(
             table: {k: v["p50_ms"] for k, v in single[table]["by_query"].items()}
             for table in single
         },
+        "rollup_cpu_per_query": cpu,
+        "device_1m_24h_plan": plan,
     }
