@@ -52,7 +52,7 @@ def test_daemon_sensor_rolls_up_live_minutes(settings, dagster_db, tmp_path: Pat
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not _full_minutes(settings.pg_dsn):
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            time.sleep(3)
+            time.sleep(0.5)
         full = _full_minutes(settings.pg_dsn)
         assert full, (tmp_path / "daemon.log").read_text()[-3000:]
         with psycopg.connect(dagster_storage_url(dagster_db).replace("+psycopg2", "")) as conn:

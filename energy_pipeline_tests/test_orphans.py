@@ -39,7 +39,7 @@ def _wait(what: str, check: Callable[[], object], timeout_s: float, logs: list[P
         result = check()
         if result:
             return result
-        time.sleep(1)
+        time.sleep(0.25)
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
     pytest.fail(f"timed out waiting for {what}\n{tails}")
 

@@ -131,7 +131,7 @@ def _wait_loaded(url: str, proc, log: Path, timeout_s: float = 120) -> None:
                 return
         except requests.RequestException:
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     pytest.fail(f"webserver did not load the code location\n{log.read_text()[-3000:]}")
 
 
