@@ -25,6 +25,7 @@ Run `python -m energy_pipeline.run_launcher` is the spare: it is started only by
 from __future__ import annotations
 
 import importlib
+import logging
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ PRELOAD = (
 )
 
 WORKER_MODULE = "energy_pipeline.run_launcher"
+_log = logging.getLogger(__name__)
 
 # A spare's interpreter and working directory: those of the code location it serves.
 SpareKey = tuple[str, str | None]
@@ -74,6 +76,8 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
         self._lock = threading.Lock()
         self._spares: dict[SpareKey, list[subprocess.Popen]] = {}
         self._workers: dict[str, subprocess.Popen] = {}
+        self._timers: list[threading.Timer] = []
+        self._disposed = False
 
     @classmethod
     def config_type(cls) -> dict[str, Any]:
@@ -93,7 +97,8 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
         key = _spare_key(run)
-        worker = self._take_spare(key) if key is not None and self._spare_count > 0 else None
+        usable = key is not None and run.job_code_origin is not None and self._spare_count > 0
+        worker = self._take_spare(key) if usable and key is not None else None
         if worker is None or run.job_code_origin is None:
             super().launch_run(context)
             return
@@ -111,12 +116,17 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
             return
         with self._lock:
             self._workers[run.run_id] = worker
-        self._instance.report_engine_event(
-            f"Run handed to a preloaded process (pid {worker.pid}).", run, cls=self.__class__
-        )
-        timer = threading.Timer(self._respawn_delay_s, self._top_up, args=(key,))
-        timer.daemon = True
+            timer = threading.Timer(self._respawn_delay_s, self._top_up, args=(key,))
+            timer.daemon = True
+            self._timers.append(timer)
         timer.start()
+        try:
+            self._instance.report_engine_event(
+                f"Run handed to a preloaded process (pid {worker.pid}).", run, cls=self.__class__
+            )
+        except Exception:  # noqa: BLE001 - the run executes already, and failing the launch
+            # now would mark a running run failed; the run process writes its own events.
+            _log.exception("could not record the hand-over of run %s", run.run_id)
 
     def waiting_spares(self) -> int:
         """How many spares are alive and waiting for a run."""
@@ -126,6 +136,8 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
     def _take_spare(self, key: SpareKey) -> subprocess.Popen | None:
         """A waiting spare for `key` (one started now if none waits); None if none can start."""
         with self._lock:
+            if self._disposed:
+                return None
             spares = self._spares.setdefault(key, [])
             while spares:
                 spare = spares.pop(0)
@@ -138,6 +150,9 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
 
     def _top_up(self, key: SpareKey) -> None:
         with self._lock:
+            self._timers = [t for t in self._timers if t.is_alive()]
+            if self._disposed:
+                return
             spares = self._spares.setdefault(key, [])
             spares[:] = [s for s in spares if s.poll() is None]
             missing = self._spare_count - len(spares)
@@ -145,15 +160,21 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
                 spares.extend(_start_spare(key) for _ in range(max(missing, 0)))
             except OSError:
                 pass  # launches fall back to the default way until a spare can start
-            self._reap()
+        self._reap()
 
     def _reap(self) -> None:
-        """Forgets run processes that have exited and whose runs are finished (lock held)."""
-        for run_id, worker in list(self._workers.items()):
-            if worker.poll() is not None:
-                run = self._instance.get_run_by_id(run_id)
-                if run is None or run.is_finished:
-                    del self._workers[run_id]
+        """Forgets run processes that have exited and whose runs are finished (the run storage is
+        asked outside the lock, so an unreachable database does not hold up launches)."""
+        with self._lock:
+            exited = [r for r, worker in self._workers.items() if worker.poll() is not None]
+        done = []
+        for run_id in exited:
+            run = self._instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                done.append(run_id)
+        with self._lock:
+            for run_id in done:
+                self._workers.pop(run_id, None)
 
     # Monitoring and termination
 
@@ -172,6 +193,15 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
         if code is None:
             return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(worker.pid))
         if code == 0:
+            # Dagster's run body returns 0 also when it could not record a failure: a process
+            # gone while its run is unfinished has failed, whatever its exit code.
+            current = self._instance.get_run_by_id(run.run_id)
+            if current is not None and not current.is_finished:
+                return CheckRunHealthResult(
+                    WorkerStatus.FAILED,
+                    f"run process {worker.pid} exited while the run was {current.status.value}",
+                    run_worker_id=str(worker.pid),
+                )
             return CheckRunHealthResult(WorkerStatus.SUCCESS, run_worker_id=str(worker.pid))
         return CheckRunHealthResult(
             WorkerStatus.FAILED,
@@ -195,6 +225,9 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
 
     def dispose(self) -> None:
         with self._lock:
+            self._disposed = True
+            for timer in self._timers:
+                timer.cancel()
             spares = [s for group in self._spares.values() for s in group]
             self._spares.clear()
         for spare in spares:  # end of stdin: a spare exits without running anything
