@@ -110,6 +110,14 @@ def measure_live(
     settings = dataclasses_replace(settings, influx_url=targets.influx_url)
     with connect(live_pg_dsn) as conn:
         prepare_postgres(live_pg_dsn, conn, build_fleet(opts.devices, seed=opts.seed))
+        # Alert state too: episodes, watermarks and outbox rows of an earlier run would have the
+        # checks wait for (and finally skip) the minutes between the two runs.
+        with conn.transaction():
+            tables = [r[0] for r in conn.execute(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+                "WHERE schemaname = 'energy' AND tablename LIKE 'alert%%' "
+                "AND tablename <> 'alert_rules'")]  # fmt: skip
+            conn.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
     home = dagster_home(Path(tempfile.mkdtemp(prefix="bench-dagster-")))
     extra = {
         "INFLUXDB_URL": targets.influx_url,
