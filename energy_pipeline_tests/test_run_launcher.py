@@ -34,11 +34,14 @@ POLARS_PRELOADED = "polars" in sys.modules
 VERSION = {version!r}
 
 
-@dg.op(config_schema={{"out": str, "sleep_s": dg.Field(float, default_value=0.0)}})
+@dg.op(config_schema={{"out": str, "sleep_s": dg.Field(float, default_value=0.0),
+                       "exit_quietly": dg.Field(bool, default_value=False)}})
 def probe(context):
     out = Path(context.op_config["out"])
     out.write_text(json.dumps({{"pid": os.getpid(), "polars_preloaded": POLARS_PRELOADED,
                                "version": VERSION}}))
+    if context.op_config["exit_quietly"]:  # gone with exit code 0, recording nothing
+        os._exit(0)
     time.sleep(context.op_config["sleep_s"])
 
 
@@ -87,12 +90,13 @@ def stack(tmp_path: Path, dagster_db: str, monkeypatch: pytest.MonkeyPatch) -> I
         instance.run_launcher.dispose()
 
 
-def _launch(stack: Any, out: Path, sleep_s: float = 0.0) -> DagsterRun:
+def _launch(stack: Any, out: Path, sleep_s: float = 0.0, exit_quietly: bool = False) -> DagsterRun:
     instance, context, _ = stack
     workspace = context.create_request_context()
     location = workspace.get_code_location("probe")
     job = location.get_repository("__repository__").get_full_job("probe_job")
-    config = {"ops": {"probe": {"config": {"out": str(out), "sleep_s": sleep_s}}}}
+    probe = {"out": str(out), "sleep_s": sleep_s, "exit_quietly": exit_quietly}
+    config = {"ops": {"probe": {"config": probe}}}
     plan = location.get_execution_plan(
         job, run_config=config, step_keys_to_execute=None, known_state=None, instance=instance
     )
@@ -164,6 +168,23 @@ def test_monitoring_sees_a_run_process_that_died(stack, tmp_path: Path):
         ),
     )
     assert "exited with code -9" in (health.msg or "")
+
+
+def test_a_run_process_gone_with_exit_code_0_while_its_run_is_unfinished_has_failed(
+    stack, tmp_path: Path
+):
+    instance, _, _ = stack
+    run = _launch(stack, tmp_path / "out.json", exit_quietly=True)
+    health = _wait(
+        "the launcher to see the process gone",
+        lambda: (
+            (h := instance.run_launcher.check_run_worker_health(run)).status != WorkerStatus.RUNNING
+            and h
+        ),
+    )
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+    assert health.status == WorkerStatus.FAILED
+    assert "exited while the run was STARTED" in (health.msg or "")
 
 
 def test_a_run_is_terminated_from_another_process(stack, tmp_path: Path):
