@@ -291,6 +291,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         live_dsns=(pg.dsn("energy_bench_live"), pg.dsn("energy_bench_dagster")),
         live_only=args.live_only,
         live_alerts=args.live_alerts,
+        reads_only=args.reads_only,
     )
     print()
     print(format_table(result))
@@ -442,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--live-only", action="store_true", help="only the live section (needs --live-minutes)"
+    )
+    p.add_argument(
+        "--reads-only",
+        action="store_true",
+        help="load --minutes of history and measure only the BI readers (with capacity and CPU)",
     )
     p.add_argument(
         "--live-alerts",

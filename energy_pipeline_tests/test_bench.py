@@ -96,6 +96,7 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     for table in ("rollup", "raw"):
         alone = reads["single_reader"][table]
         assert set(alone) == set(READ_QUERIES) and all(v > 0 for v in alone.values())
+    _check_capacity(reads["device_1m_24h_capacity"], opts.readers)
     assert [r["devices"] for r in figures["scaling"]] == list(opts.scaling)
     assert [r["points"] for r in figures["scaling"]] == [n * 60 for n in opts.scaling]
     assert figures["scaling_spread"] >= 1.0
@@ -106,7 +107,46 @@ def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_
     assert "reads household_5m_24h: household_rollup_5m p50/p95" in table
     assert "reads top5_devices_24h: device_rollup_1h p50/p95" in table
     assert "hierarchy: one household 5-minute window" in table
+    assert "reads device_1m_24h: backend CPU ms/query, simple/extended/prepared" in table
+    assert f"reads device_1m_24h, {opts.readers} readers, closed loop" in table
     assert any("loaded" in m for m in messages)
+
+
+def _check_capacity(capacity: dict, readers: int) -> None:
+    """Closed loop at a quarter, half and all readers; open loop at shares of what all served."""
+    closed = capacity["closed_loop"]
+    assert [c["readers"] for c in closed] == sorted({max(1, readers // 4), max(1, readers // 2),
+                                                     readers})  # fmt: skip
+    assert all(c["qps"] > 0 and 0 < c["p50_ms"] <= c["p95_ms"] for c in closed)
+    served = closed[-1]["qps"]
+    shares = [o["share_of_max"] for o in capacity["open_loop"]]
+    assert shares == [0.25, 0.5, 0.75]
+    for o in capacity["open_loop"]:
+        assert o["readers"] == readers and o["demand_qps"] == served * o["share_of_max"]
+        assert o["qps"] > 0 and 0 < o["p50_ms"] <= o["p95_ms"]
+
+
+def test_reads_only_bench_loads_a_short_history_and_measures_only_the_readers(
+    settings, influx_db, influx_server
+):
+    opts = replace(BenchOptions.quick(), read_seconds=1.0)
+    targets = BenchTargets(
+        settings.influx_url, influx_db.database, settings.pg_dsn, influx_pid=influx_server.pid
+    )
+    result = run_bench(targets, opts, lambda _: None, reads_only=True)
+
+    figures = json.loads(json.dumps(result, default=str))
+    assert set(figures) == {"options", "started_at", "load", "influx_quiesce_s", "reads"}
+    assert figures["load"]["points"] == opts.devices * 60 * opts.minutes
+    reads = figures["reads"]
+    assert reads["dataset"]["all_devices_minutes"] == opts.minutes
+    assert reads["rollup"]["queries"] > 0 and reads["raw"]["queries"] > 0
+    _check_capacity(reads["device_1m_24h_capacity"], opts.readers)
+    cpu = reads["rollup_cpu_per_query"]["device_1m_24h"]
+    assert set(cpu) == {"simple", "extended", "prepared", "prepared_binary"}
+    assert all(v["queries"] > 0 for v in cpu.values())
+    table = format_table(result)
+    assert "reads on rollups" in table and "fresh minute" not in table and "scaling" not in table
 
 
 def test_live_alert_figures_count_duplicates_and_keep_retried_notifications_apart():

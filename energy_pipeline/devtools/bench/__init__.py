@@ -47,11 +47,13 @@ def run_bench(
     live_dsns: tuple[str, str] | None = None,
     live_only: bool = False,
     live_alerts: bool = False,
+    reads_only: bool = False,
 ) -> dict[str, Any]:
     """Run every measurement; returns the figures (also what `--json` writes).
 
     `live_dsns` (rollup database, Dagster storage database) enables the live section;
-    `live_only` skips the others; `live_alerts` adds 100 alert rules and a webhook receiver.
+    `live_only` skips the others; `live_alerts` adds 100 alert rules and a webhook receiver;
+    `reads_only` loads `opts.minutes` of history and measures only the readers.
     """
     if live_only:
         if not (live_minutes and live_dsns):
@@ -61,7 +63,7 @@ def run_bench(
         return {"options": asdict(opts), "started_at": datetime.now(UTC).isoformat(), "live": live}
     fleet = build_fleet(opts.devices, seed=opts.seed)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
-    span = max(opts.minutes, opts.long_minutes)
+    span = opts.minutes if reads_only else max(opts.minutes, opts.long_minutes)
     # History fills [start, start + span); fresh minutes follow it and still end in the past. The
     # history ends on the hour, so the readers' window holds whole 5-minute and hourly windows.
     end = (now - timedelta(minutes=opts.minutes + 2)).replace(minute=0)
@@ -81,6 +83,10 @@ def run_bench(
         say("waiting for InfluxDB to finish compacting the new data")
         result["influx_quiesce_s"] = wait_for_quiet_influx(influx)
         conn.autocommit = True
+        if reads_only:
+            say(f"measuring {opts.readers} concurrent readers")
+            result["reads"] = measure_reads(targets, fleet, start, span, opts, say)
+            return result
         say(
             f"measuring {opts.minutes} fresh minutes (written just before), pipeline and references"
         )
@@ -115,14 +121,17 @@ def run_bench(
     return result
 
 
-def _offline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows of every section but the live one."""
-    m, rd = r["options"], r["reads"]
-    rows: list[tuple[str, str]] = [
+def _load_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
         ("load: points written (InfluxDB and raw PG table)", f"{r['load']['points']:,}"),
         ("load: points/s", f"{r['load']['points_per_s']:,.0f}"),
         ("wait for InfluxDB compactions after load (s)", f"{r['influx_quiesce_s']:.0f}"),
     ]
+
+
+def _pipeline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the minute path, the late-data check, the ranged run and the hierarchy."""
+    rows: list[tuple[str, str]] = []
     for key, label in (("one_minute", "fresh minute"), ("one_minute_history", "history minute")):
         o = r[key]
         rows += [
@@ -169,8 +178,14 @@ def _offline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             (f"hierarchy: one {label}: worst of {h['windows_timed']} (s) / rows written",
              f"{h['seconds_max']:.3f} / {h['rows_written_per_window']:,}"),
         ]  # fmt: skip
+    return rows
+
+
+def _reads_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the BI readers: rollups against the raw table, capacity, CPU per query."""
+    m, rd = r["options"], r["reads"]
     ds = rd["dataset"]
-    rows += [
+    rows = [
         ("reads: sampled households / devices", f"{ds['households']} / {ds['devices']}"),
         (f"reads: window (h) / of it, all {m['devices']} devices (min)",
          f"{ds['hours']} / {ds['all_devices_minutes']}"),
@@ -208,7 +223,26 @@ def _offline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         one = rd["single_reader"]
         rows.append((f"reads {name}, 1 reader, idle: rollup / raw p50 (ms)",
                      f"{one['rollup'][name]:.1f} / {one['raw'][name]:.1f}"))  # fmt: skip
-    rows += [
+    if cap := rd.get("device_1m_24h_capacity"):
+        for c in cap["closed_loop"]:
+            rows.append((f"reads device_1m_24h, {c['readers']} readers, closed loop: "
+                         "queries/s, p50/p95 (ms)",
+                         f"{c['qps']:,.0f}, {c['p50_ms']:.1f}/{c['p95_ms']:.1f}"))  # fmt: skip
+        for o in cap["open_loop"]:
+            rows.append((f"reads device_1m_24h, {o['readers']} readers asking "
+                         f"{o['demand_qps']:,.0f}/s ({o['share_of_max']:.0%} of max): p50/p95 (ms)",
+                         f"{o['p50_ms']:.1f}/{o['p95_ms']:.1f}"))  # fmt: skip
+    for name, by_protocol in rd.get("rollup_cpu_per_query", {}).items():
+        cpu = "/".join(
+            f"{v['backend_cpu_ms']:.2f}" if v.get("backend_cpu_ms") is not None else "n/a"
+            for v in by_protocol.values()
+        )
+        rows.append((f"reads {name}: backend CPU ms/query, {'/'.join(by_protocol)}", cpu))
+    return rows
+
+
+def _scaling_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
         (f"scaling {x['devices']} devices: us/point (s/minute)",
          f"{x['us_per_point']:.2f} ({x['in_asset_s']:.3f})")
         for x in r["scaling"]
@@ -222,7 +256,11 @@ def _offline_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 def format_table(r: dict[str, Any]) -> str:
     """The figures as a plain-text table."""
     m = r["options"]
-    rows = _offline_rows(r) if "load" in r else []
+    rows = []
+    for key, section in (("load", _load_rows), ("one_minute", _pipeline_rows),
+                         ("reads", _reads_rows), ("scaling", _scaling_rows)):  # fmt: skip
+        if r.get(key):
+            rows += section(r)
     for k, v in (r.get("live") or {}).items():
         if isinstance(v, int | float):
             rows.append((f"live: {k}", f"{v:.2f}"))

@@ -211,9 +211,15 @@ def _readers(
     seconds: float,
     seed: int,
     only: str | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """`readers` concurrent pgbench clients for `seconds`, each query type equally likely (or
     only the query `only`).
+
+    Without `rate` each client sends its next query as soon as the last one is answered (closed
+    loop: the queries/s are what the server can serve). With `rate` the clients together send
+    `rate` queries/s on a Poisson schedule (open loop), and a latency counts from the query's
+    scheduled start, so time spent queued behind the others is in it.
 
     pgbench (C, in its own process) is the load: Python threads sharing one interpreter lock
     queued behind each other and halved the queries/s PostgreSQL could serve, which is a limit
@@ -226,6 +232,8 @@ def _readers(
                 "--jobs", str(min(readers, os.cpu_count() or 1)), "--time", str(round(seconds)),
                 "--protocol", "prepared", "--random-seed", str(seed),
                 "--log", "--log-prefix", f"{tmp}/latency"]  # fmt: skip
+        if rate:
+            args += ["--rate", f"{rate:.1f}"]
         for k, name in enumerate(names):
             script = Path(tmp) / f"{k}.sql"
             script.write_text(_pgbench_script(conn, READ_QUERIES[name][which], sample, window))
@@ -254,6 +262,38 @@ def _readers(
 
 
 PROTOCOLS = ("simple", "extended", "prepared")
+
+
+def device_day_capacity(
+    dsn: str,
+    sample: pl.DataFrame,
+    window: tuple[datetime, datetime],
+    readers: int,
+    seconds: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Latency of the one-device day against demand, the other queries idle.
+
+    Closed loop at a quarter, half and all of `readers`, then `readers` clients in open loop at
+    a quarter, half and three quarters of what the closed loop at full count served: BI readers
+    pause between queries, and the open loop shows the latency at a given demand rather than
+    at the server's limit.
+    """
+    name = "device_1m_24h"
+    args = (sample, window)
+    closed = []
+    for n in sorted({max(1, readers // 4), max(1, readers // 2), readers}):
+        q = _readers(dsn, 0, *args, n, seconds, seed, only=name)
+        closed.append({"readers": n, "qps": q["qps"], "p50_ms": q["p50_ms"],
+                       "p95_ms": q["p95_ms"]})  # fmt: skip
+    served = closed[-1]["qps"]
+    open_loop = []
+    for share in (0.25, 0.5, 0.75):
+        q = _readers(dsn, 0, *args, readers, seconds, seed, only=name, rate=served * share)
+        open_loop.append({"readers": readers, "share_of_max": share, "demand_qps": served * share,
+                          "qps": q["qps"], "p50_ms": q["p50_ms"],
+                          "p95_ms": q["p95_ms"]})  # fmt: skip
+    return {"query": name, "closed_loop": closed, "open_loop": open_loop}
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -480,6 +520,9 @@ def measure_reads(
             name: _readers(targets.pg_dsn, 0, *args, only=name)["by_query"][name]
             for name in READ_QUERIES
         }
+        capacity = device_day_capacity(
+            targets.pg_dsn, sample, window, opts.readers, min(opts.read_seconds, 30.0), opts.seed
+        )
     finally:
         stop.set()
         thread.join()
@@ -527,6 +570,7 @@ def measure_reads(
             k: raw["by_query"][k]["p95_ms"] / rollup["by_query"][k]["p95_ms"] for k in READ_QUERIES
         },
         "rollup_each_alone": alone_at_n,
+        "device_1m_24h_capacity": capacity,
         "single_reader": {
             table: {k: v["p50_ms"] for k, v in single[table]["by_query"].items()}
             for table in single
