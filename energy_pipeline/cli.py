@@ -268,7 +268,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     opts = BenchOptions.quick() if args.quick else BenchOptions()
     names = ("devices", "minutes", "long_minutes", "readers", "read_seconds", "read_hours",
-             "read_households", "seed")  # fmt: skip
+             "read_households", "writer_pace_s", "seed")  # fmt: skip
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     opts = replace(opts, **overrides)
     services_up(settings)
@@ -434,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-seconds", type=float)
     p.add_argument("--read-hours", type=int, help="BI read window in hours (24; quick: 1)")
     p.add_argument("--read-households", type=int, help="households read (20; quick: 2)")
+    p.add_argument(
+        "--writer-pace",
+        type=float,
+        dest="writer_pace_s",
+        help="while the readers run, rewrite one minute of the fleet every this many seconds "
+        "(60: the live pipeline at peak; default 0: back to back)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--live-minutes",

@@ -129,7 +129,8 @@ def _check_capacity(capacity: dict, readers: int) -> None:
 def test_reads_only_bench_loads_a_short_history_and_measures_only_the_readers(
     settings, influx_db, influx_server
 ):
-    opts = replace(BenchOptions.quick(), read_seconds=1.0)
+    # A paced writer: one minute of the fleet every 2 s, as the live pipeline's every 60 s.
+    opts = replace(BenchOptions.quick(), read_seconds=1.0, writer_pace_s=2.0)
     targets = BenchTargets(
         settings.influx_url, influx_db.database, settings.pg_dsn, influx_pid=influx_server.pid
     )
@@ -141,6 +142,7 @@ def test_reads_only_bench_loads_a_short_history_and_measures_only_the_readers(
     reads = figures["reads"]
     assert reads["dataset"]["all_devices_minutes"] == opts.minutes
     assert reads["rollup"]["queries"] > 0 and reads["raw"]["queries"] > 0
+    assert reads["writer_pace_s"] == 2.0 and reads["minutes_rewritten_meanwhile"] >= 1
     _check_capacity(reads["device_1m_24h_capacity"], opts.readers)
     cpu = reads["rollup_cpu_per_query"]["device_1m_24h"]
     assert set(cpu) == {"simple", "extended", "prepared", "prepared_binary"}

@@ -203,7 +203,9 @@ def _reads_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
              f"{t['p50_ms']:.1f}/{t['p95_ms']:.1f}/{t['p99_ms']:.1f}"),
             (f"reads on {where}: queries/s", f"{t['qps']:,.1f}"),
         ]  # fmt: skip
+    pace = rd.get("writer_pace_s") or 0
     rows += [
+        ("reads: writer, one fleet minute every (s; 0: back to back)", f"{pace:g}"),
         ("reads: minutes / coarse windows rewritten meanwhile",
          f"{rd['minutes_rewritten_meanwhile']:,} / {rd['coarse_windows_rewritten_meanwhile']:,}"),
     ]  # fmt: skip

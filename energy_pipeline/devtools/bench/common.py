@@ -35,11 +35,16 @@ class BenchOptions:
     seed: int = 42
     read_hours: int = 24  # the BI readers' window
     read_households: int = 20  # sampled households that get the whole window in both tables
+    # While the readers run, the writer rewrites one minute of the whole fleet (and the coarse
+    # windows it completes) every `writer_pace_s` seconds; 0 writes back to back.
+    writer_pace_s: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.devices, self.minutes, self.chunk_minutes, self.readers,
                self.read_hours, self.read_households) < 1 or self.long_minutes < 0:  # fmt: skip
             raise ValueError(f"bench options must be positive (long_minutes may be 0): {self}")
+        if self.writer_pace_s < 0:
+            raise ValueError(f"writer_pace_s must not be negative, got {self.writer_pace_s}")
         if self.read_seconds < 1:
             raise ValueError(f"read_seconds must be at least 1, got {self.read_seconds}")
         if self.read_hours * 60 < max(self.minutes, self.long_minutes):

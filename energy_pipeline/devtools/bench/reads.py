@@ -496,6 +496,7 @@ def measure_reads(
         with connect(targets.pg_dsn) as conn:
             i = 0
             while not stop.is_set():
+                began = time.monotonic()
                 s = start + timedelta(minutes=i % span)
                 process_window(
                     raw_source(influx),
@@ -507,6 +508,9 @@ def measure_reads(
                 rewrites["windows"] += 1
                 rewrites["coarse_windows"] += rewrite_coarse(conn, s)
                 i += 1
+                # Paced: one minute of the whole fleet per `writer_pace_s`, as the live pipeline
+                # writes at peak (60 s); 0: back to back, a catch-up after downtime.
+                stop.wait(max(0.0, opts.writer_pace_s - (time.monotonic() - began)))
 
     thread = threading.Thread(target=writer)
     thread.start()
@@ -560,6 +564,7 @@ def measure_reads(
         "readers": opts.readers,
         "seconds_each": opts.read_seconds,
         "dataset": dataset,
+        "writer_pace_s": opts.writer_pace_s,
         "minutes_rewritten_meanwhile": rewrites["windows"],
         "coarse_windows_rewritten_meanwhile": rewrites["coarse_windows"],
         "tables": READ_TABLES,
