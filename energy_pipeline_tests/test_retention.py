@@ -1,4 +1,5 @@
-"""Retention of the `energy` schema: horizons, dropping day partitions, dry runs, locks."""
+"""Retention of the `energy` schema: horizons, dropping day partitions, dry runs, locks, and the
+vacuum of the rollup tables' finished days."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from psycopg import sql
 
 from energy_pipeline import cli, retention, retention_cli
 from energy_pipeline.config import ConfigError, Settings, dagster_storage_url
+from energy_pipeline.devtools.bench.reads import explain_device_day
 from energy_pipeline.retention import (
     Horizon,
+    PartitionVacuum,
     RetentionError,
     cutoff,
     expired_days,
     format_report,
     run_retention,
+    vacuum_days,
     validate_horizons,
 )
 from energy_pipeline.storage import connect, create_partitions
@@ -99,6 +103,43 @@ def test_zero_keeps_forever_and_short_raw_retention_moves_the_bound():
     validate_horizons(replace(s, raw_retention_days=3, retention_device_rollup_1m_days=4))
     with pytest.raises(ConfigError):
         validate_horizons(replace(s, raw_retention_days=3, retention_device_rollup_1m_days=3))
+
+
+@pytest.mark.parametrize(
+    ("now", "lateness", "expected"),
+    [
+        # 10:30 is past the 27th's end: the 27th and the two days before it, never the 28th.
+        (NOW, LATENESS, [date(2026, 11, 25), date(2026, 11, 26), date(2026, 11, 27)]),
+        # 22:30 on the 27th: the 27th is still inside the lateness window.
+        (NOW, timedelta(hours=14), [date(2026, 11, 24), date(2026, 11, 25), date(2026, 11, 26)]),
+        # The run just after midnight with no lateness: yesterday is finished.
+        (
+            datetime(2026, 11, 28, 0, 0, tzinfo=UTC),
+            timedelta(0),
+            [date(2026, 11, 25), date(2026, 11, 26), date(2026, 11, 27)],
+        ),
+    ],
+)
+def test_vacuum_days_are_the_last_finished_days(now, lateness, expected):
+    assert vacuum_days(now, lateness) == expected
+    assert vacuum_days(now, lateness, days=1) == expected[-1:]
+
+
+@pytest.mark.parametrize(
+    ("inserted", "modified", "pages", "visible", "needed"),
+    [
+        (0, 0, 5, 5, False),  # vacuumed and analyzed since its last write
+        (0, 0, 0, 0, False),  # empty
+        (12, 0, 5, 5, True),  # a tail of rows never vacuumed (analyzed since, even)
+        (0, 3, 5, 5, True),  # rows updated or deleted since the last analyze
+        (0, 0, 5, 4, True),  # a vacuum ran while some rows were not yet visible to all
+    ],
+)
+def test_a_partition_needs_a_vacuum_until_it_is_all_visible_and_analyzed(
+    inserted, modified, pages, visible, needed
+):
+    v = PartitionVacuum("device_rollup_1m", DAYS[0], inserted, modified, pages, visible)
+    assert v.needed is needed
 
 
 # --- Against PostgreSQL -------------------------------------------------------------------------
@@ -385,6 +426,118 @@ def test_quarantine_is_removed_in_batches(filled, pg_dsn):
     assert expected is not None and removed == expected[0] > 7
     left = conn.execute("SELECT count(*) FROM energy.quarantine WHERE bucket < %s", (cut,))
     assert left.fetchone() == (0,)
+
+
+# --- Vacuum of finished days ----------------------------------------------------------------------
+
+FINISHED, TODAY = NOW.date() - timedelta(days=1), NOW.date()
+DEVICES = 20
+# Minutes of each day written before autovacuum's last run, and after it: 20 devices x 40
+# minutes = 800 rows, below the 1,000 rows that would make autovacuum run again.
+VACUUMED_MINUTES, TAIL_MINUTES = 60, 40
+MINUTES = VACUUMED_MINUTES + TAIL_MINUTES
+
+
+def _insert_minutes(conn: psycopg.Connection, day: date, first: int, count: int) -> None:
+    """DEVICES devices' minutes `first` .. `first + count - 1` of `day`, a minute at a time as the
+    pipeline writes them; the counts reach pg_stat_user_tables as this backend goes idle."""
+    start = retention.day_start(day) + timedelta(minutes=first)
+    conn.execute(
+        "INSERT INTO energy.device_rollup_1m (device_id, bucket, household_id, sample_count, "
+        "power_w_avg, energy_wh_sum, computed_at) "
+        "SELECT 'd' || d, b, 'h1', 60, 100, 1.5, now() "
+        "FROM generate_series(%s::timestamptz, %s::timestamptz, interval '1 minute') b "
+        "CROSS JOIN generate_series(1, %s) d ORDER BY b, d",
+        (start, start + timedelta(minutes=count - 1), DEVICES),
+    )
+    conn.execute("SELECT pg_stat_force_next_flush()")
+
+
+def _write_days(conn: psycopg.Connection, days: list[date]) -> None:
+    """Each of `days` as a small fleet leaves it: rows that a vacuum saw, then a tail of fewer
+    rows than autovacuum waits for."""
+    for table in retention.PARTITIONED_TABLES:
+        create_partitions(conn, table, DAYS[0], DAYS[-1])
+    # The test cluster commits asynchronously; VACUUM marks a page all-visible only once its rows'
+    # commit is flushed, which a synchronous commit makes sure of.
+    conn.execute("SET synchronous_commit = on")
+    for day in days:
+        _insert_minutes(conn, day, 0, VACUUMED_MINUTES)
+    conn.execute("VACUUM (ANALYZE) energy.device_rollup_1m")  # autovacuum's last run of the day
+    for day in days:
+        _insert_minutes(conn, day, VACUUMED_MINUTES, TAIL_MINUTES)
+
+
+def _heap_fetches(conn: psycopg.Connection, day: date) -> int:
+    """Heap tuples the index-only read of one device's minutes of `day` had to visit."""
+    start = retention.day_start(day)
+    plan = explain_device_day(conn, "d7", (start, start + timedelta(minutes=MINUTES)))
+    assert plan["rows"] == MINUTES and plan["scan_types"] == ["Index Only Scan"]
+    return int(plan["heap_fetches"])
+
+
+def test_finished_days_are_vacuumed_once_and_today_is_left_to_autovacuum(pg_dsn):
+    with connect(pg_dsn) as conn:
+        _write_days(conn, [FINISHED, TODAY])
+        # Tables this small would be read from the heap; the index-only path is what is examined.
+        conn.execute("SET enable_seqscan = off")
+        conn.execute("SET enable_bitmapscan = off")
+        before = {day: _heap_fetches(conn, day) for day in (FINISHED, TODAY)}
+
+        dry = run_retention(conn, SHORT, LATENESS, NOW, dry_run=True)
+        assert [v.name for v in dry.vacuums] == [f"device_rollup_1m_p{FINISHED:%Y%m%d}"]
+        assert dry.partitions_vacuumed == 0 and "would vacuum (ANALYZE): 1" in format_report(dry)
+        assert _heap_fetches(conn, FINISHED) == before[FINISHED]
+
+        first = run_retention(conn, SHORT, LATENESS, NOW)
+        after = {day: _heap_fetches(conn, day) for day in (FINISHED, TODAY)}
+        again = run_retention(conn, SHORT, LATENESS, NOW)
+
+    # The tail's rows (at least) are outside the visibility map: each costs a heap visit.
+    assert before[FINISHED] >= TAIL_MINUTES and before[TODAY] >= TAIL_MINUTES
+    [v] = first.vacuums
+    assert (v.table, v.day, v.vacuumed, v.error) == ("device_rollup_1m", FINISHED, True, "")
+    assert v.rows_since_vacuum == v.rows_since_analyze == DEVICES * TAIL_MINUTES
+    # pg_class still held the last vacuum's figures; this one counted the tail's pages too.
+    assert v.visible_pages == v.pages < v.visible_pages_after == v.pages_after
+    assert first.partitions_vacuumed == 1
+    assert "vacuumed (ANALYZE): 1 finished day partitions" in format_report(first)
+    # Index-only reads of the finished day no longer visit the heap; today's still do.
+    assert after == {FINISHED: 0, TODAY: before[TODAY]}
+    # Nothing was written since: the second run finds nothing to vacuum.
+    assert again.vacuums == [] and again.partitions_vacuumed == 0
+
+
+def test_only_the_last_finished_days_are_vacuumed(pg_dsn):
+    with connect(pg_dsn) as conn:
+        _write_days(conn, DAYS)
+        report = run_retention(conn, SHORT, LATENESS, NOW)
+    vacuumed = {(v.table, v.day) for v in report.vacuums if v.vacuumed}
+    assert vacuumed == {("device_rollup_1m", d) for d in vacuum_days(NOW, LATENESS)}
+    assert not report.vacuum_warnings
+
+
+def test_a_finished_day_held_by_a_lock_is_a_warning_and_retention_finishes(pg_dsn):
+    with connect(pg_dsn) as conn:
+        _write_days(conn, [FINISHED, FINISHED - timedelta(days=1)])
+        part = f"energy.device_rollup_1m_p{FINISHED:%Y%m%d}"
+        with psycopg.connect(pg_dsn) as other, other.transaction():
+            # The lock a running vacuum or analyze holds on it.
+            other.execute(f"LOCK TABLE {part} IN SHARE UPDATE EXCLUSIVE MODE")
+            report = run_retention(conn, SHORT, LATENESS, NOW, lock_timeout_ms=300)
+        ahead = _partition_days(conn, "device_rollup_1h")[-1]
+        again = run_retention(conn, SHORT, LATENESS, NOW, lock_timeout_ms=300)
+
+    held = {v.day: v for v in report.vacuums}
+    assert held[FINISHED].error.startswith("not vacuumed: a lock was not granted within 300 ms")
+    assert not held[FINISHED].vacuumed
+    assert held[FINISHED - timedelta(days=1)].vacuumed
+    assert report.vacuum_warnings == [f"{part} {held[FINISHED].error}"]
+    assert f"warning: {part} not vacuumed" in format_report(report)
+    # The rest of the run went through: old partitions dropped, partitions created ahead.
+    assert report.partitions_dropped == 5 and ahead == NOW.date() + timedelta(days=7)
+    # The next run vacuums the day it could not.
+    assert [(v.day, v.vacuumed) for v in again.vacuums] == [(FINISHED, True)]
 
 
 # --- Command line ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What the catalog says about the tables retention works on: day partitions in every state,
-sizes, ownership."""
+sizes, ownership, and how much of a partition is outside the visibility map."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datetime import date, datetime
 
 import psycopg
 
-from energy_pipeline.retention.plan import RetentionError
+from energy_pipeline.retention.plan import PartitionVacuum, RetentionError
 
 _PARTITION_NAME = re.compile(r"^(?P<table>[a-z0-9_]+)_p(?P<day>\d{8})$")
 
@@ -71,3 +71,34 @@ def check_owner(conn: psycopg.Connection, table: str) -> None:
             f"dropping partitions of energy.{table} needs its owner's rights: connect as a "
             "login that is a member of energy_owner (see docs/retention.md)"
         )
+
+
+# n_ins_since_vacuum and n_mod_since_analyze count from the last vacuum and analyze of any kind
+# (autovacuum's too); relpages and relallvisible are what the last vacuum or analyze found.
+_VISIBILITY = """
+SELECT c.relname, coalesce(s.n_ins_since_vacuum, 0), coalesce(s.n_mod_since_analyze, 0),
+       c.relpages, c.relallvisible, pg_has_role(current_user, c.relowner, 'USAGE')
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE n.nspname = 'energy' AND c.relkind = 'r' AND c.relname = ANY(%s)
+"""
+
+
+def partition_visibility(
+    conn: psycopg.Connection, parts: Sequence[DayPartition]
+) -> list[PartitionVacuum]:
+    """Rows changed since the last vacuum and analyze, and pages all-visible, of each of `parts`
+    (those that exist), in the order given."""
+    names = [p.name for p in parts]
+    rows = {r[0]: r[1:] for r in conn.execute(_VISIBILITY, (names,)).fetchall()}
+    out = []
+    for p in parts:
+        if p.name in rows:
+            inserted, modified, pages, visible, owned = rows[p.name]
+            out.append(
+                PartitionVacuum(
+                    p.parent, p.day, int(inserted), int(modified), int(pages), int(visible), owned
+                )
+            )
+    return out

@@ -1,5 +1,5 @@
 """Retention planning, pure: horizons and their validation, cutoffs, which day partitions
-have expired, and the report of a run. No database, no Dagster."""
+have expired or are finished and due a vacuum, and the report of a run. No database, no Dagster."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from energy_pipeline.storage import StorageError
 
 DAY = timedelta(days=1)
 PARTITIONED_TABLES = ("device_rollup_1m", "household_rollup_5m", "device_rollup_1h")
+# Finished days of the rollup tables each run looks at for a vacuum: the last few, so a day a
+# failed run missed is caught up, while a first run on an old database stays short.
+VACUUM_DAYS = 3
 
 
 class RetentionError(StorageError):
@@ -142,6 +145,56 @@ def expired_days(days: Iterable[date], cut: datetime | None) -> list[date]:
     return sorted(d for d in set(days) if day_start(d) + DAY <= cut)
 
 
+def vacuum_days(now: datetime, lateness: timedelta, days: int = VACUUM_DAYS) -> list[date]:
+    """The last `days` UTC days that ended before `now - lateness`, oldest first.
+
+    Their rows are never recomputed again, so one vacuum leaves them all-visible for good. The
+    current day, and any day still inside the lateness window, is never among them."""
+    last = (now - lateness).astimezone(UTC).date() - DAY
+    return [last - timedelta(days=n) for n in range(days - 1, -1, -1)]
+
+
+@dataclass
+class PartitionVacuum:
+    """A finished day partition of a rollup table as the catalog saw it, and its vacuum."""
+
+    table: str
+    day: date
+    rows_since_vacuum: int
+    rows_since_analyze: int
+    pages: int
+    visible_pages: int
+    owned: bool = True
+    vacuumed: bool = False
+    pages_after: int = 0
+    visible_pages_after: int = 0
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}_p{self.day:%Y%m%d}"
+
+    @property
+    def needed(self) -> bool:
+        """Rows written or changed since the last vacuum or analyze, or pages outside the
+        visibility map (a vacuum that ran while those rows were not yet visible to every
+        transaction could not mark them)."""
+        return (
+            self.rows_since_vacuum > 0
+            or self.rows_since_analyze > 0
+            or self.visible_pages < self.pages
+        )
+
+    def describe(self) -> str:
+        before = f"{self.visible_pages}/{self.pages}"
+        after = f" -> {self.visible_pages_after}/{self.pages_after}" if self.vacuumed else ""
+        return (
+            f"{self.name}: {self.rows_since_vacuum} rows inserted since its last vacuum, "
+            f"{self.rows_since_analyze} changed since its last analyze, all-visible pages "
+            f"{before}{after}"
+        )
+
+
 @dataclass
 class TableReport:
     """What retention removed (or, dry, would remove) from one table."""
@@ -167,6 +220,8 @@ class RetentionReport:
     dry_run: bool
     tables: dict[str, TableReport] = field(default_factory=dict)
     partitions_created: int = 0
+    # Finished day partitions due a vacuum; a dry run only lists them.
+    vacuums: list[PartitionVacuum] = field(default_factory=list)
 
     def table(self, name: str, cut: datetime | None = None) -> TableReport:
         return self.tables.setdefault(name, TableReport(name, cutoff=cut))
@@ -182,6 +237,14 @@ class RetentionReport:
     @property
     def bytes_freed(self) -> int:
         return sum(t.bytes_freed for t in self.tables.values())
+
+    @property
+    def partitions_vacuumed(self) -> int:
+        return sum(v.vacuumed for v in self.vacuums)
+
+    @property
+    def vacuum_warnings(self) -> list[str]:
+        return [f"energy.{v.name} {v.error}" for v in self.vacuums if v.error]
 
 
 def format_report(report: RetentionReport) -> str:
@@ -203,4 +266,11 @@ def format_report(report: RetentionReport) -> str:
         f"{verb}: {report.partitions_dropped} partitions, {report.rows_removed} rows, "
         f"{report.bytes_freed / 1e6:.2f} MB; partitions created ahead: {report.partitions_created}"
     )
+    done = report.vacuums if report.dry_run else [v for v in report.vacuums if v.vacuumed]
+    lines.append(
+        f"{'would vacuum' if report.dry_run else 'vacuumed'} (ANALYZE): {len(done)} finished day "
+        "partitions"
+    )
+    lines += [f"  {v.describe()}" for v in done]
+    lines += [f"warning: {w}" for w in report.vacuum_warnings]
     return "\n".join(lines)

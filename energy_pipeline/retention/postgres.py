@@ -1,5 +1,6 @@
 """Retention in PostgreSQL: dropping expired day partitions with their ledger rows, batched
-deletes of old rows, and the whole run (`run_retention`)."""
+deletes of old rows, vacuuming finished days of the rollup tables, and the whole run
+(`run_retention`)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,21 @@ from energy_pipeline.retention.catalog import (
     DayPartition,
     check_owner,
     day_partitions,
+    partition_visibility,
     relation_bytes,
 )
 from energy_pipeline.retention.plan import (
     DAY,
     PARTITIONED_TABLES,
     Horizon,
+    PartitionVacuum,
     RetentionError,
     RetentionReport,
     cutoff,
     day_start,
     expired_days,
     horizons,
+    vacuum_days,
 )
 from energy_pipeline.storage import create_partitions
 
@@ -257,10 +261,11 @@ def run_retention(
     dry_run: bool = False,
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
 ) -> RetentionReport:
-    """Remove (dry: only measure) everything past its horizon; keep partitions created ahead.
+    """Remove (dry: only measure) everything past its horizon; keep partitions created ahead;
+    last, vacuum the rollup tables' finished days that need it (dry: only list them).
 
     `conn` must be in autocommit mode (as `storage.connect` opens it). Idempotent: a second run
-    at the same `now` removes nothing.
+    at the same `now` removes nothing, and vacuums only what was written since.
     """
     report = RetentionReport(now=now, dry_run=dry_run)
     cuts = {h.table: cutoff(now, h.days, lateness) for h in table_horizons}
@@ -275,6 +280,7 @@ def run_retention(
         _alerts(conn, report, cuts["alerts"])
     if not dry_run:
         _finish(conn, report)
+    vacuum_finished_days(conn, report, lateness, lock_timeout_ms=lock_timeout_ms)
     return report
 
 
@@ -291,6 +297,64 @@ def _finish(conn: psycopg.Connection, report: RetentionReport) -> None:
         report.partitions_created += create_partitions(
             conn, table, today, today + timedelta(days=PARTITION_DAYS_AHEAD)
         )
+
+
+def vacuum_finished_days(
+    conn: psycopg.Connection,
+    report: RetentionReport,
+    lateness: timedelta,
+    *,
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+) -> None:
+    """`VACUUM (ANALYZE)` the rollup tables' day partitions of `vacuum_days` that need it
+    (`PartitionVacuum.needed`), adding each to `report.vacuums`; a dry run only adds them.
+
+    Autovacuum runs on a rollup partition once a thousand rows have arrived since its last run
+    (migration 0011), so a finished day keeps its last rows outside the visibility map, and every
+    index-only read of them visits the heap, until something vacuums it. A partition that cannot
+    be vacuumed (a lock not granted in time, not the owner) gets an error in the report and the
+    others go on: everything else retention does is already done by then.
+    """
+    days = set(vacuum_days(report.now, lateness))
+    due: list[PartitionVacuum] = []
+    for table in PARTITIONED_TABLES:
+        parts = [p for p in day_partitions(conn, table) if p.attached and p.day in days]
+        due += [v for v in partition_visibility(conn, parts) if v.needed]
+    report.vacuums += due
+    if report.dry_run or not due:
+        return
+    if not conn.autocommit:
+        for v in due:
+            v.error = "not vacuumed: VACUUM needs an autocommit connection (storage.connect)"
+        return
+    _set_lock_timeout(conn, lock_timeout_ms)
+    for v in due:
+        if not v.owned:
+            v.error = (
+                "not vacuumed: only its owner can vacuum it (connect as a member of energy_owner)"
+            )
+            continue
+        _vacuum_partition(conn, v, lock_timeout_ms)
+
+
+def _vacuum_partition(conn: psycopg.Connection, v: PartitionVacuum, lock_timeout_ms: int) -> None:
+    """Vacuum one partition and read back its pages; a failure is kept as `v.error`."""
+    try:
+        conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(_ident("energy", v.name)))
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+        v.error = (
+            f"not vacuumed: a lock was not granted within {lock_timeout_ms} ms (a vacuum, "
+            f"analyze or DDL holds it); the next run tries again ({type(exc).__name__})"
+        )
+        return
+    except psycopg.Error as exc:
+        if conn.broken:
+            raise
+        v.error = f"not vacuumed: {type(exc).__name__}: {exc.diag.message_primary or exc}"
+        return
+    v.vacuumed = True
+    [after] = partition_visibility(conn, [DayPartition(v.table, v.day, True, False)])
+    v.pages_after, v.visible_pages_after = after.pages, after.visible_pages
 
 
 def run_retention_for(
