@@ -13,19 +13,27 @@ always executes the project code found on disk when it starts. A run whose code 
 a Python module or file of a local environment (a separately deployed gRPC server) is launched
 the default way, and so is a run when a spare cannot be started.
 
-Because the launcher holds its run processes, run monitoring can ask whether one has died: a
-process that exits while its run is still STARTED is reported FAILED, and monitoring fails the
-run within a poll interval instead of at the runtime limit. Termination works from any process:
-the run is marked CANCELING, which the run process watches for (and a local one also gets an
+A spare says on a pipe of its own when its imports are done (`ready`) and when it has read
+the run handed to it (`took`). A run goes to a ready spare when one waits, else to one still
+importing (or started now), so a spare that dies on the way must not strand its run: run
+monitoring asks a launcher only about STARTED runs, and would leave a STARTING one until its start
+timeout. The launcher therefore waits on every process it handed a run to: one that exits before
+its run started fails the run at once (a CANCELING run is marked CANCELED). A process that exits
+while its run is STARTED is reported FAILED by the health check, and monitoring fails the run
+within a poll interval instead of at the runtime limit. Termination works from any process: the
+run is marked CANCELING, which the run process watches for (and a local one also gets an
 interrupt at once).
 
-Run `python -m energy_pipeline.run_launcher` is the spare: it is started only by the launcher.
+Run `python -m energy_pipeline.run_launcher FD` is the spare (FD: the write end of its pipe to
+the launcher): it is started only by the launcher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -36,7 +44,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin
-from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import ConfigurableClassData, serialize_value
@@ -74,8 +82,8 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
         self._spare_count = spares
         self._respawn_delay_s = respawn_delay_seconds
         self._lock = threading.Lock()
-        self._spares: dict[SpareKey, list[subprocess.Popen]] = {}
-        self._workers: dict[str, subprocess.Popen] = {}
+        self._spares: dict[SpareKey, list[_Spare]] = {}
+        self._workers: dict[str, _Spare] = {}
         self._timers: list[threading.Timer] = []
         self._disposed = False
 
@@ -98,10 +106,11 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
         run = context.dagster_run
         key = _spare_key(run)
         usable = key is not None and run.job_code_origin is not None and self._spare_count > 0
-        worker = self._take_spare(key) if usable and key is not None else None
-        if worker is None or run.job_code_origin is None:
+        spare = self._take_spare(key) if usable and key is not None else None
+        if spare is None or run.job_code_origin is None:
             super().launch_run(context)
             return
+        worker = spare.process
         args = ExecuteRunArgs(
             job_origin=run.job_code_origin, run_id=run.run_id, instance_ref=self._instance.get_ref()
         )
@@ -115,36 +124,42 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
             super().launch_run(context)
             return
         with self._lock:
-            self._workers[run.run_id] = worker
+            self._workers[run.run_id] = spare
             timer = threading.Timer(self._respawn_delay_s, self._top_up, args=(key,))
             timer.daemon = True
             self._timers.append(timer)
         timer.start()
+        state = "" if spare.ready.is_set() else " It is still importing its libraries."
         try:
             self._instance.report_engine_event(
-                f"Run handed to a preloaded process (pid {worker.pid}).", run, cls=self.__class__
+                f"Run handed to a preloaded process (pid {worker.pid}).{state}",
+                run,
+                cls=self.__class__,
             )
         except Exception:  # noqa: BLE001 - the run executes already, and failing the launch
             # now would mark a running run failed; the run process writes its own events.
             _log.exception("could not record the hand-over of run %s", run.run_id)
+        threading.Thread(target=self._watch, args=(run.run_id, spare), daemon=True).start()
 
     def waiting_spares(self) -> int:
         """How many spares are alive and waiting for a run."""
         with self._lock:
-            return sum(s.poll() is None for group in self._spares.values() for s in group)
+            return sum(s.alive() for group in self._spares.values() for s in group)
 
-    def _take_spare(self, key: SpareKey) -> subprocess.Popen | None:
-        """A waiting spare for `key` (one started now if none waits); None if none can start."""
+    def _take_spare(self, key: SpareKey) -> _Spare | None:
+        """A ready spare for `key`, else the one waiting longest (still importing), else one
+        started now; None if none can start."""
         with self._lock:
             if self._disposed:
                 return None
             spares = self._spares.setdefault(key, [])
-            while spares:
-                spare = spares.pop(0)
-                if spare.poll() is None:
-                    return spare
+            spares[:] = [s for s in spares if s.alive()]
+            if spares:
+                spare = next((s for s in spares if s.ready.is_set()), spares[0])
+                spares.remove(spare)
+                return spare
         try:
-            return _start_spare(key)
+            return _Spare(key)
         except OSError:
             return None
 
@@ -154,10 +169,10 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
             if self._disposed:
                 return
             spares = self._spares.setdefault(key, [])
-            spares[:] = [s for s in spares if s.poll() is None]
+            spares[:] = [s for s in spares if s.alive()]
             missing = self._spare_count - len(spares)
             try:
-                spares.extend(_start_spare(key) for _ in range(max(missing, 0)))
+                spares.extend(_Spare(key) for _ in range(max(missing, 0)))
             except OSError:
                 pass  # launches fall back to the default way until a spare can start
         self._reap()
@@ -166,7 +181,7 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
         """Forgets run processes that have exited and whose runs are finished (the run storage is
         asked outside the lock, so an unreachable database does not hold up launches)."""
         with self._lock:
-            exited = [r for r, worker in self._workers.items() if worker.poll() is not None]
+            exited = [r for r, spare in self._workers.items() if not spare.alive()]
         done = []
         for run_id in exited:
             run = self._instance.get_run_by_id(run_id)
@@ -176,6 +191,29 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
             for run_id in done:
                 self._workers.pop(run_id, None)
 
+    def _watch(self, run_id: str, spare: _Spare) -> None:
+        """Waits for the process a run was handed to (reaping it) and ends the run if the process
+        exited before starting it; a run that had started is left to run monitoring."""
+        code = spare.process.wait()
+        spare.closed.wait(timeout=5)  # its last words on the pipe
+        try:
+            run = self._instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                return
+            if not spare.ready.is_set():
+                when = "while importing its libraries, before the run started"
+            elif not spare.took_run.is_set():
+                when = "before it read the run"
+            else:
+                when = "before the run started"
+            what = f"The run's process (pid {spare.process.pid}) exited with code {code} {when}."
+            if run.status == DagsterRunStatus.CANCELING:
+                self._instance.report_run_canceled(run, what)
+            elif run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
+                self._instance.report_run_failed(run, f"{what} Its output is in the daemon log.")
+        except Exception:  # noqa: BLE001 - a thread of its own: log, and monitoring times it out
+            _log.exception("could not end run %s after its process exited", run_id)
+
     # Monitoring and termination
 
     @property
@@ -184,11 +222,12 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         with self._lock:
-            worker = self._workers.get(run.run_id)
-        if worker is None:
+            spare = self._workers.get(run.run_id)
+        if spare is None:
             # Launched by the code server, or before this process started: nothing to ask, so
             # it counts as running (as with the default launcher); the runtime limit applies.
             return CheckRunHealthResult(WorkerStatus.RUNNING, "not a process of this launcher")
+        worker = spare.process
         code = worker.poll()
         if code is None:
             return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(worker.pid))
@@ -217,9 +256,9 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
             return super().terminate(run_id)
         self._instance.report_run_canceling(run)
         with self._lock:
-            worker = self._workers.get(run_id)
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGINT)
+            spare = self._workers.get(run_id)
+        if spare is not None and spare.alive():
+            spare.process.send_signal(signal.SIGINT)
         # Otherwise the run process sees CANCELING itself (its cancellation thread).
         return True
 
@@ -231,13 +270,14 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
             spares = [s for group in self._spares.values() for s in group]
             self._spares.clear()
         for spare in spares:  # end of stdin: a spare exits without running anything
-            if spare.stdin is not None:
-                spare.stdin.close()
+            if spare.process.stdin is not None:
+                spare.process.stdin.close()
         for spare in spares:
             try:
-                spare.wait(timeout=5)
+                spare.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                spare.kill()
+                spare.process.kill()
+                spare.process.wait()
         super().dispose()
 
 
@@ -254,14 +294,42 @@ def _spare_key(run: DagsterRun) -> SpareKey | None:
     return (target.executable_path or sys.executable, target.working_directory)
 
 
-def _start_spare(key: SpareKey) -> subprocess.Popen:
-    executable, working_directory = key
-    return subprocess.Popen(
-        [executable, "-m", WORKER_MODULE],
-        stdin=subprocess.PIPE,
-        cwd=working_directory or None,
-        text=True,
-    )
+class _Spare:
+    """A spare process, and what it has said on its pipe: `ready` once its libraries are
+    imported, `took` once it has read its run; the pipe closes when it exits or runs the run."""
+
+    def __init__(self, key: SpareKey) -> None:
+        executable, working_directory = key
+        read_fd, write_fd = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [executable, "-m", WORKER_MODULE, str(write_fd)],
+                stdin=subprocess.PIPE,
+                cwd=working_directory or None,
+                text=True,
+                pass_fds=(write_fd,),
+            )
+        except OSError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.ready = threading.Event()
+        self.took_run = threading.Event()
+        self.closed = threading.Event()
+        threading.Thread(target=self._listen, args=(read_fd,), daemon=True).start()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _listen(self, read_fd: int) -> None:
+        with open(read_fd, encoding="ascii") as pipe:
+            for line in pipe:
+                if line == "ready\n":
+                    self.ready.set()
+                elif line == "took\n":
+                    self.took_run.set()
+        self.closed.set()
 
 
 # The spare process
@@ -297,11 +365,20 @@ def _execute(line: str) -> int:
                 watcher.join(timeout=15)
 
 
+def _say(pipe: int, word: str) -> None:
+    with contextlib.suppress(OSError):  # the launcher is gone: stdin tells the rest
+        os.write(pipe, f"{word}\n".encode())
+
+
 def worker_main() -> int:
+    pipe = int(sys.argv[1])
     _preload()
+    _say(pipe, "ready")
     line = sys.stdin.readline().strip()
     if not line:  # dismissed (or the launcher's process ended) before it got a run
         return 0
+    _say(pipe, "took")
+    os.close(pipe)  # not inherited by what the run starts
     return _execute(line)
 
 

@@ -1,6 +1,7 @@
 """WarmRunLauncher (energy_pipeline/run_launcher.py) against a real Dagster instance on PostgreSQL:
 runs execute in preloaded processes, one per run, with the project code found on disk at launch;
-run monitoring sees a run process that died; a run is terminated from another process."""
+run monitoring sees a run process that died; a run is terminated from another process; a run
+whose process dies or is terminated before it started the run ends at once; join waits for runs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from dagster._core.launcher import WorkerStatus
 from dagster._core.remote_origin import GrpcServerCodeLocationOrigin
 from dagster._core.storage.dagster_run import DagsterRun
@@ -88,6 +89,36 @@ def stack(tmp_path: Path, dagster_db: str, monkeypatch: pytest.MonkeyPatch) -> I
         with WorkspaceProcessContext(instance, target) as context:
             yield instance, context, code_dir
         instance.run_launcher.dispose()
+
+
+# Put first on a spare's sys.path: its start-up waits until the gate file exists, then exits
+# with code 3 (an interpreter that cannot import the launcher) if the file says so.
+GATE = """
+import os, time
+from pathlib import Path
+
+gate = Path(os.environ["LAUNCHER_TEST_GATE"])
+while not gate.exists():
+    time.sleep(0.05)
+if gate.read_text() == "exit":
+    os._exit(3)
+"""
+
+
+@pytest.fixture
+def gated_spares(stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Spares started from now on hang at start-up until the returned gate file is written
+    ("exit": they exit with code 3); the code server, started before, is not affected."""
+    site = tmp_path / "gate_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(GATE)
+    gate = tmp_path / "gate"
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("LAUNCHER_TEST_GATE", str(gate))
+    yield gate
+    gate.write_text("exit")  # lets spares still waiting end before the launcher is disposed
 
 
 def _launch(stack: Any, out: Path, sleep_s: float = 0.0, exit_quietly: bool = False) -> DagsterRun:
@@ -196,6 +227,36 @@ def test_a_run_is_terminated_from_another_process(stack, tmp_path: Path):
         assert other.run_launcher.terminate(run.run_id) is True
     done = _wait("the run to end", lambda: _finished(instance, run.run_id), timeout_s=60)
     assert done.status == DagsterRunStatus.CANCELED
+
+
+def _reaped(pid: int) -> bool:
+    """Whether the process is gone (a zombie still has its /proc entry)."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize("death", ["killed while importing", "cannot start"])
+def test_a_run_whose_process_dies_before_starting_it_fails_at_once(
+    stack, gated_spares: Path, tmp_path: Path, death: str
+):
+    instance, _, _ = stack
+    run = _launch(stack, tmp_path / "out.json")  # no spare is ready: one is started for it
+    pid = _handed_to(instance, run.run_id)
+    if death == "killed while importing":
+        os.kill(pid, signal.SIGKILL)
+    else:
+        gated_spares.write_text("exit")
+    # Only the launcher can end the run before run monitoring's start timeout (180 s):
+    # monitoring asks a launcher about the health of STARTED runs only.
+    done = _wait("the run to end", lambda: _finished(instance, run.run_id))
+    assert done.status == DagsterRunStatus.FAILURE
+    code = -9 if death == "killed while importing" else 3
+    failure = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_FAILURE)
+    assert [e.message for e in failure] == [
+        f"The run's process (pid {pid}) exited with code {code} while importing its libraries,"
+        " before the run started. Its output is in the daemon log."
+    ]
+    assert not (tmp_path / "out.json").exists()
+    assert _reaped(pid)
 
 
 def test_a_run_of_a_separate_code_server_goes_the_default_way():
