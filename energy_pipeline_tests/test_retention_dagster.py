@@ -17,6 +17,7 @@ from energy_pipeline.defs.retention.assets import RetentionSettings
 from energy_pipeline.defs.retention.assets import retention as retention_asset
 from energy_pipeline.defs.retention.runs import old_finished_runs, purge_runs
 from energy_pipeline.resources import PostgresResource
+from energy_pipeline.retention import vacuum_days
 from energy_pipeline.scheduling import partitions_start
 from energy_pipeline.storage import connect, create_partitions
 
@@ -146,6 +147,10 @@ def test_a_long_backlog_is_purged_over_several_runs(instance):
 # edges, so a run crossing 00:00 UTC sees the same partitions removed and kept.
 TODAY = datetime.now(UTC).date()
 OLD_DAY = TODAY - timedelta(days=40)  # past the 35-day minute horizon, also a day later
+# The middle one of the finished days a run vacuums: still among them if they move by a day.
+FINISHED_DAY = vacuum_days(
+    datetime.now(UTC), timedelta(seconds=Settings.from_env({}).lateness_seconds)
+)[1]
 RECENT = dg.DailyPartitionsDefinition(
     start_date=(TODAY - timedelta(days=60)).strftime("%Y-%m-%d"), timezone="UTC"
 )
@@ -187,6 +192,22 @@ def _old_partition(pg_dsn: str) -> str:
     return f"energy.device_rollup_1m_p{OLD_DAY:%Y%m%d}"
 
 
+def _finished_partition(pg_dsn: str) -> str:
+    """A finished minute rollup day partition with rows no vacuum has seen; returns its name."""
+    with connect(pg_dsn) as conn:
+        create_partitions(conn, "device_rollup_1m", FINISHED_DAY, FINISHED_DAY)
+        # Committed before VACUUM runs, so that it can mark the rows visible to all.
+        conn.execute("SET synchronous_commit = on")
+        conn.execute(
+            "INSERT INTO energy.device_rollup_1m (device_id, bucket, household_id, sample_count, "
+            "energy_wh_sum, computed_at) SELECT 'd' || i, %s, 'h1', 60, 1, now() "
+            "FROM generate_series(1, 30) i",
+            (datetime.combine(FINISHED_DAY, datetime.min.time(), UTC),),
+        )
+        conn.execute("SELECT pg_stat_force_next_flush()")
+    return f"device_rollup_1m_p{FINISHED_DAY:%Y%m%d}"
+
+
 def _rows_in(pg_dsn: str, table: str) -> int | None:
     """Rows in `table`, None when it does not exist."""
     with connect(pg_dsn) as conn:
@@ -201,6 +222,7 @@ def test_retention_job_reports_what_it_removed_and_purges_old_runs(
     instance, settings, dagster_db, monkeypatch
 ):
     old_day, old_table = OLD_DAY, _old_partition(settings.pg_dsn)
+    finished = _finished_partition(settings.pg_dsn)
     key = (TODAY - timedelta(days=50)).strftime("%Y-%m-%d")
     first = dg.materialize([recent_sample], instance=instance, partition_key=key).run_id
     second = dg.materialize([recent_sample], instance=instance, partition_key=key).run_id
@@ -220,6 +242,14 @@ def test_retention_job_reports_what_it_removed_and_purges_old_runs(
     tables = meta["tables"].value
     assert tables["device_rollup_1m"]["partitions_dropped"] == [old_day.isoformat()]
     assert "| device_rollup_1m |" in meta["summary"].value
+    # The finished day's rows were vacuumed: every page of it is all-visible now.
+    assert (meta["partitions_vacuumed"].value, meta["vacuum_warnings"].value) == (1, 0)
+    assert tables["device_rollup_1m"]["partitions_vacuumed"] == [finished]
+    [vacuum] = meta["vacuums"].value
+    assert (vacuum["partition"], vacuum["rows_since_vacuum"], vacuum["error"]) == (finished, 30, "")
+    visible, pages = vacuum["all_visible_pages_after"]
+    assert visible == pages > 0
+    assert f"- {finished}: 30 rows inserted" in meta["summary"].value
     # The older run of the partition went; the one its status rests on stayed.
     assert (meta["dagster_runs_deleted"].value, meta["dagster_runs_kept"].value) == (1, 1)
     assert instance.get_run_by_id(first) is None

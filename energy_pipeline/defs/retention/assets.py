@@ -1,4 +1,5 @@
-"""The `retention` asset: removes what is past its horizon and says what it removed."""
+"""The `retention` asset: removes what is past its horizon, vacuums the rollup tables' finished
+days, and says what it did."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -33,7 +34,8 @@ class RetentionSettings(dg.ConfigurableResource):
 
 
 def report_markdown(report: RetentionReport, purge: RunPurge) -> str:
-    """Per-table figures as a markdown table, for the materialization's metadata."""
+    """Per-table figures as a markdown table, then the vacuums, for the materialization's
+    metadata."""
     lines = [
         "| table | cutoff | partitions dropped | rows removed | MB before | MB after | note |",
         "|---|---|---:|---:|---:|---:|---|",
@@ -44,26 +46,50 @@ def report_markdown(report: RetentionReport, purge: RunPurge) -> str:
             f"| {t.table} | {cut} | {len(t.partitions_dropped)} | {t.rows_removed} | "
             f"{t.bytes_before / 1e6:.2f} | {t.bytes_after / 1e6:.2f} | {t.note} |"
         )
-    return "\n".join([*lines, "", purge.summary()])
+    verb = "would vacuum" if report.dry_run else "vacuumed"
+    done = [v for v in report.vacuums if v.vacuumed or report.dry_run]
+    vacuums = [f"{verb} (ANALYZE): {len(done)} finished day partitions", ""]
+    vacuums += [f"- {v.describe()}" for v in done]
+    vacuums += [f"- warning: {w}" for w in report.vacuum_warnings]
+    return "\n".join([*lines, "", *vacuums, "", purge.summary()])
 
 
 def report_metadata(report: RetentionReport, purge: RunPurge) -> dict[str, dg.MetadataValue]:
-    """Totals, per-table figures and the Dagster run purge, as materialization metadata."""
+    """Totals, per-table figures, the finished days vacuumed and the Dagster run purge, as
+    materialization metadata."""
     per_table = {
         t.table: {
             "partitions_dropped": [d.isoformat() for d in t.partitions_dropped],
             "rows_removed": t.rows_removed,
             "bytes_freed": t.bytes_freed,
             "bytes_after": t.bytes_after,
+            "partitions_vacuumed": [
+                v.name for v in report.vacuums if v.vacuumed and v.table == t.table
+            ],
             "note": t.note,
         }
         for t in report.tables.values()
     }
+    vacuums = [
+        {
+            "partition": v.name,
+            "vacuumed": v.vacuumed,
+            "rows_since_vacuum": v.rows_since_vacuum,
+            "rows_since_analyze": v.rows_since_analyze,
+            "all_visible_pages_before": [v.visible_pages, v.pages],
+            "all_visible_pages_after": [v.visible_pages_after, v.pages_after],
+            "error": v.error,
+        }
+        for v in report.vacuums
+    ]
     return {
         "partitions_dropped": dg.MetadataValue.int(report.partitions_dropped),
         "rows_removed": dg.MetadataValue.int(report.rows_removed),
         "bytes_freed": dg.MetadataValue.int(report.bytes_freed),
         "partitions_created_ahead": dg.MetadataValue.int(report.partitions_created),
+        "partitions_vacuumed": dg.MetadataValue.int(report.partitions_vacuumed),
+        "vacuum_warnings": dg.MetadataValue.int(len(report.vacuum_warnings)),
+        "vacuums": dg.MetadataValue.json(vacuums),
         "dagster_runs_deleted": dg.MetadataValue.int(purge.runs_deleted),
         "dagster_runs_kept": dg.MetadataValue.int(purge.runs_kept),
         "tables": dg.MetadataValue.json(per_table),
@@ -99,8 +125,9 @@ def retention(
     postgres: PostgresResource,
     retention_settings: RetentionSettings,
 ) -> dg.MaterializeResult:
-    """Day partitions and rows past their horizon removed, and Dagster runs older than the minute
-    partition window purged (except those partition status rests on)."""
+    """Day partitions and rows past their horizon removed, the rollup tables' finished days
+    vacuumed, and Dagster runs older than the minute partition window purged (except those
+    partition status rests on)."""
     # Everything that can refuse is resolved before anything is removed.
     s = _validated(retention_settings)
     partitions = asset_partitions(_repository(context))
@@ -119,5 +146,7 @@ def retention(
         partitions_start(now, s.raw_retention_days),
         now,
     )
+    for warning in report.vacuum_warnings:
+        context.log.warning(warning)
     context.log.info(purge.summary())
     return dg.MaterializeResult(metadata=report_metadata(report, purge))
