@@ -59,9 +59,9 @@ def _influx(settings: Settings) -> InfluxClient:
         settings.influx_url,
         settings.influx_database,
         retention_policy=settings.influx_retention_policy,
-        username=settings.secrets.get("INFLUXDB_USERNAME"),
-        password=settings.secrets.get("INFLUXDB_PASSWORD"),
-        token=settings.secrets.get("INFLUXDB_TOKEN"),
+        username=settings.influx_username or None,
+        password=settings.influx_password or None,
+        token=settings.influx_token or None,
     )
 
 
@@ -280,7 +280,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         influx_url=settings.influx_url,
         influx_database="energy_bench",
         pg_dsn=pg.dsn("energy_bench"),
-        influx_auth=settings.secrets,
+        influx_auth={
+            variable: value
+            for variable, value in (
+                ("INFLUXDB_USERNAME", settings.influx_username),
+                ("INFLUXDB_PASSWORD", settings.influx_password),
+                ("INFLUXDB_TOKEN", settings.influx_token),
+            )
+            if value
+        },
         influx_pid=influx.pid,
     )
     result = run_bench(

@@ -156,10 +156,10 @@ def validate_alert_channels(settings: Settings) -> None:
     """Each alert channel is either off or complete; errors name the variable, never a secret."""
     if settings.alert_webhook_url:
         validate_http_url("ALERT_WEBHOOK_URL", settings.alert_webhook_url)
-        if not settings.secrets.get("ALERT_WEBHOOK_SECRET"):
+        if not settings.alert_webhook_secret:
             raise ConfigError("ALERT_WEBHOOK_URL is set: ALERT_WEBHOOK_SECRET must be set to sign")
-    slack = urllib.parse.urlsplit(settings.secrets.get("ALERT_SLACK_WEBHOOK_URL", ""))
-    if settings.secrets.get("ALERT_SLACK_WEBHOOK_URL") and not (
+    slack = urllib.parse.urlsplit(settings.alert_slack_webhook_url)
+    if settings.alert_slack_webhook_url and not (
         slack.scheme in ("http", "https") and slack.hostname
     ):
         raise ConfigError("ALERT_SLACK_WEBHOOK_URL must be an http(s):// URL (value not shown)")
@@ -172,7 +172,7 @@ def validate_alert_channels(settings: Settings) -> None:
     ]:
         if "@" not in address:
             raise ConfigError(f"{name} must hold email addresses, got {address!r}")
-    if settings.alert_smtp_username and not settings.secrets.get("ALERT_SMTP_PASSWORD"):
+    if settings.alert_smtp_username and not settings.alert_smtp_password:
         raise ConfigError("ALERT_SMTP_USERNAME is set: ALERT_SMTP_PASSWORD must be too")
     if settings.alert_smtp_username and not settings.alert_smtp_starttls:
         raise ConfigError(
@@ -188,23 +188,9 @@ READ_PARALLELISM = 2
 RUN_TIMEOUT_SECONDS = 900
 
 
-# The alert channels' secrets: an incoming-webhook URL is its own credential.
+# The alert channels' credentials (an incoming-webhook URL is its own), which the CLI scrubs from
+# what it prints; a test holds them to the `secret=ALWAYS` declarations of the alert settings.
 ALERT_SECRET_VARIABLES = ("ALERT_WEBHOOK_SECRET", "ALERT_SLACK_WEBHOOK_URL", "ALERT_SMTP_PASSWORD")
-# Credentials kept only in `Settings.secrets`, never in a field of their own.
-CREDENTIAL_VARIABLES = (
-    "INFLUXDB_TOKEN",
-    "INFLUXDB_USERNAME",
-    "INFLUXDB_PASSWORD",
-    *ALERT_SECRET_VARIABLES,
-)
-SECRET_VARIABLES = (
-    "INFLUXDB_URL",
-    "INFLUXDB_TOKEN",
-    "INFLUXDB_USERNAME",
-    "INFLUXDB_PASSWORD",
-    "ENERGY_PG_DSN",
-    *ALERT_SECRET_VARIABLES,
-)
 # Documented variables that `Settings` does not read, and the file that does.
 VARIABLES_READ_ELSEWHERE = {
     "DAGSTER_HOME": "energy_pipeline/cli.py",  # and Dagster itself
@@ -215,16 +201,59 @@ VARIABLES_READ_ELSEWHERE = {
 ENV_METADATA = "energy_pipeline.env"
 
 
+def _mask_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{REDACTED}@{host}" if "@" in parts.netloc else host
+    query = REDACTED if parts.query else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
+
+
+@dataclass(frozen=True)
+class SecretWhen:
+    """When a setting's value is a secret: then, taken from the environment, it reaches Dagster
+    as an `EnvVar` of its variable (resolved at run time, never shown), and `repr` masks it."""
+
+    name: str
+    holds_secret: Callable[[str], bool]
+    # The value as `repr(Settings)` shows it while it holds a secret.
+    masked: Callable[[str], str]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# A credential, or a connection string whose password may hide in any of libpq's spellings.
+ALWAYS = SecretWhen("ALWAYS", lambda value: True, lambda value: REDACTED)
+# A URL whose userinfo (`user:password@`) is the credential; without one it is a plain address.
+WITH_USERINFO = SecretWhen("WITH_USERINFO", lambda value: "@" in value, _mask_url)
+# A URL whose query string often carries a token, as webhook URLs do.
+WITH_USERINFO_OR_QUERY = SecretWhen(
+    "WITH_USERINFO_OR_QUERY", lambda value: "@" in value or "?" in value, _mask_url
+)
+
+
 @dataclass(frozen=True)
 class EnvSetting:
     """How one `Settings` field is read: its variable, the parser of its text (which raises a
-    ConfigError naming the variable) and, for a default built from other settings, `derive`."""
+    ConfigError naming the variable), for a default built from other settings `derive`, and
+    when its value is a secret (`secret`; None: never)."""
 
     variable: str
     parse: Callable[[str, str], Any]
     derive: Callable[[Mapping[str, Any]], Any] | None = None
     # Leading and trailing blanks are ignored (a blank value then means unset).
     strip: bool = False
+    secret: SecretWhen | None = None
+
+    def is_secret(self, value: object) -> bool:
+        """Whether `value` of this setting is a secret by its declaration."""
+        return (
+            self.secret is not None
+            and isinstance(value, str)
+            and bool(value)
+            and self.secret.holds_secret(value)
+        )
 
 
 def _declare(spec: EnvSetting, default: Any) -> Any:
@@ -244,10 +273,17 @@ def env_str(
     *,
     derive: Callable[[Mapping[str, Any]], str] | None = None,
     validate: Callable[[str, str], str] | None = None,
+    secret: SecretWhen | None = None,
 ) -> str:
     """A `Settings` field read from `variable` as text, checked by `validate(variable, text)`; its
-    default is `default`, or `derive(settings read so far)` (checked the same way)."""
-    return _declare(EnvSetting(variable, validate or _keep, derive), default)
+    default is `default`, or `derive(settings read so far)` (checked the same way). `secret` says
+    when its value is a secret (see `SecretWhen`)."""
+    return _declare(EnvSetting(variable, validate or _keep, derive, secret=secret), default)
+
+
+def env_secret(variable: str) -> str:
+    """A `Settings` field holding a credential read from `variable`; empty (unset) by default."""
+    return env_str(variable, secret=ALWAYS)
 
 
 def env_bool(variable: str, default: bool) -> bool:
@@ -290,16 +326,25 @@ class Settings:
     data_dir: Path = env_path("ENERGY_DATA_DIR", PROJECT_ROOT / ".data")
     influx_port: int = env_int("ENERGY_INFLUX_PORT", 18086, 1, 65535)
     pg_port: int = env_int("ENERGY_PG_PORT", 15432, 1, 65535)
+    # The `influx_*` fields configure `InfluxDBResource` (its `url`, `token`, ...).
     influx_url: str = env_str(
         "INFLUXDB_URL",
         derive=lambda s: f"http://127.0.0.1:{s['influx_port']}",
         validate=validate_http_url,
+        secret=WITH_USERINFO,
     )
     influx_database: str = env_str("INFLUXDB_DATABASE", "energy")
     influx_retention_policy: str = env_str("INFLUXDB_RETENTION_POLICY", "")
     influx_measurement: str = env_str("INFLUXDB_MEASUREMENT", "telemetry")
+    influx_token: str = env_secret("INFLUXDB_TOKEN")
+    influx_username: str = env_secret("INFLUXDB_USERNAME")
+    influx_password: str = env_secret("INFLUXDB_PASSWORD")
+    # `PostgresResource.dsn`.
     pg_dsn: str = env_str(
-        "ENERGY_PG_DSN", derive=lambda s: _local_pg(s, "energy"), validate=validate_pg_dsn
+        "ENERGY_PG_DSN",
+        derive=lambda s: _local_pg(s, "energy"),
+        validate=validate_pg_dsn,
+        secret=ALWAYS,
     )
     # Not rewritten: the plain `dagster` CLI reads DAGSTER_PG_URL through dagster.yaml as is, so
     # every entry point must see a URL that works unchanged.
@@ -330,35 +375,39 @@ class Settings:
     retention_daily_report_days: int = env_int("ENERGY_RETENTION_DAILY_REPORT_DAYS", 0)
     retention_quarantine_days: int = env_int("ENERGY_RETENTION_QUARANTINE_DAYS", 30)
     retention_alerts_days: int = env_int("ENERGY_RETENTION_ALERTS_DAYS", 400)
-    # Alert channels (secrets: ALERT_WEBHOOK_SECRET, ALERT_SLACK_WEBHOOK_URL, ALERT_SMTP_PASSWORD
-    # in `secrets`); see energy_pipeline/alerts/channels.py.
-    alert_webhook_url: str = env_str("ALERT_WEBHOOK_URL")
+    # The `alert_*` fields configure `AlertChannelsResource` (see energy_pipeline/alerts/).
+    alert_webhook_url: str = env_str("ALERT_WEBHOOK_URL", secret=WITH_USERINFO_OR_QUERY)
+    alert_webhook_secret: str = env_secret("ALERT_WEBHOOK_SECRET")
+    alert_slack_webhook_url: str = env_secret("ALERT_SLACK_WEBHOOK_URL")
     alert_smtp_host: str = env_str("ALERT_SMTP_HOST")
     alert_smtp_port: int = env_int("ALERT_SMTP_PORT", 587, 1, 65535)
     alert_smtp_username: str = env_str("ALERT_SMTP_USERNAME")
+    alert_smtp_password: str = env_secret("ALERT_SMTP_PASSWORD")
     alert_smtp_from: str = env_str("ALERT_SMTP_FROM")
     alert_smtp_to: tuple[str, ...] = env_list("ALERT_SMTP_TO")
     alert_smtp_starttls: bool = env_bool("ALERT_SMTP_STARTTLS", True)
     # Rendered reports (fleet overviews, household pages); see energy_pipeline/reports/.
     reports_dir: Path = env_path("ENERGY_REPORTS_DIR", derive=lambda s: s["data_dir"] / "reports")
-    # The CREDENTIAL_VARIABLES that are set, by variable.
-    secrets: dict[str, str] = field(default_factory=dict, repr=False)
-    # Variables holding a secret (a password may sit in a URL or DSN) that these settings took
-    # from the environment: Dagster gets them as EnvVars, resolved at run time.
+    # Variables whose value these settings took from the environment and that hold a secret by
+    # their declaration: Dagster gets them as EnvVars, resolved at run time.
     env_secrets: frozenset[str] = frozenset()
 
-    def __repr__(self) -> str:  # URLs and DSNs may carry passwords
-        shown = ", ".join(
-            f"{f}={redact_dsn(v) if isinstance(v, str) else v!r}"
-            for f, v in vars(self).items()
-            if f != "secrets"
-        )
-        return f"Settings({shown})"
+    def __repr__(self) -> str:  # credentials, and URLs and DSNs that may carry passwords
+        specs = _env_settings()
+
+        def shown(name: str, value: object) -> str:
+            spec = specs.get(name)
+            if spec is not None and spec.secret is not None and spec.is_secret(value):
+                return repr(spec.secret.masked(str(value)))
+            return repr(redact_dsn(value) if isinstance(value, str) else value)
+
+        return f"Settings({', '.join(f'{f}={shown(f, v)}' for f, v in vars(self).items())})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        env_secrets: set[str] = set()
         for f in fields(cls):
             spec = f.metadata.get(ENV_METADATA)
             if spec is None:
@@ -367,24 +416,13 @@ class Settings:
             raw = raw.strip() if spec.strip else raw
             if raw:
                 values[f.name] = spec.parse(spec.variable, raw)
+                if spec.is_secret(raw):
+                    env_secrets.add(spec.variable)
             elif spec.derive is not None:
                 values[f.name] = spec.parse(spec.variable, spec.derive(values))
             else:
                 values[f.name] = f.default
-        settings = cls(
-            **values,
-            secrets={k: env[k] for k in CREDENTIAL_VARIABLES if env.get(k)},
-            # A URL is a secret only when it carries userinfo.
-            env_secrets=frozenset(
-                k for k in SECRET_VARIABLES if env.get(k) and (k != "INFLUXDB_URL" or "@" in env[k])
-            )
-            # A webhook URL carrying userinfo or a query string (often a token) is one too.
-            | (
-                {"ALERT_WEBHOOK_URL"}
-                if {"@", "?"} & set(env.get("ALERT_WEBHOOK_URL") or "")
-                else frozenset()
-            ),
-        )
+        settings = cls(**values, env_secrets=frozenset(env_secrets))
         if settings.raw_retention_days * 1440 > 95_000:
             raise ConfigError(
                 "ENERGY_RAW_RETENTION_DAYS above 65 would exceed Dagster's advised 100,000 minute "
@@ -404,7 +442,18 @@ def _env_settings() -> dict[str, EnvSetting]:
     }
 
 
+def env_setting(name: str) -> EnvSetting | None:
+    """How the `Settings` field `name` is read from the environment; None if it is not."""
+    return _env_settings().get(name)
+
+
 def setting_variables() -> dict[str, str]:
     """Every environment variable `Settings.from_env` reads, with the field that holds it."""
-    declared = {spec.variable: name for name, spec in _env_settings().items()}
-    return declared | {variable: "secrets" for variable in CREDENTIAL_VARIABLES}
+    return {spec.variable: name for name, spec in _env_settings().items()}
+
+
+def secret_variables() -> dict[str, SecretWhen]:
+    """Every variable whose value may be a secret, with the rule that says when it is."""
+    return {
+        spec.variable: spec.secret for spec in _env_settings().values() if spec.secret is not None
+    }

@@ -17,47 +17,22 @@ from energy_pipeline.defs.reports import build_defs as build_report_defs
 from energy_pipeline.defs.retention import build_defs as build_retention_defs
 from energy_pipeline.resources import InfluxDBResource, PostgresResource, from_settings
 
-
-def _secret(settings: Settings, name: str, value: str) -> str:
-    """`value`, or an `EnvVar` (resolved at run time, never shown in the UI) when `settings` took
-    it from the environment variable `name`."""
-    # Typed as str: Dagster resolves an EnvVar to its string before the resource sees it.
-    return dg.EnvVar(name) if name in settings.env_secrets else value
-
-
-def _optional_secret(settings: Settings, name: str) -> str | None:
-    value = settings.secrets.get(name)
-    return _secret(settings, name, value) if value else None
+# The resources every domain shares, keyed as their assets and sensors ask for them, each with the
+# prefix of the `Settings` fields that configure it (`resources.from_settings`).
+SHARED_RESOURCES: dict[str, tuple[type[dg.ConfigurableResource], str]] = {
+    "influxdb": (InfluxDBResource, "influx_"),
+    "postgres": (PostgresResource, "pg_"),
+    "minute_sensors": (MinuteSensorSettings, ""),
+    "minute_runs": (MinuteRunSettings, ""),
+    "alert_channels": (AlertChannelsResource, "alert_"),
+}
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """The resources every domain shares, keyed as their assets and sensors ask for them."""
+    """The resources every domain shares, configured from `settings`."""
     return {
-        "influxdb": InfluxDBResource(
-            url=_secret(settings, "INFLUXDB_URL", settings.influx_url),
-            database=settings.influx_database,
-            retention_policy=settings.influx_retention_policy,
-            measurement=settings.influx_measurement,
-            read_parallelism=settings.read_parallelism,
-            username=_optional_secret(settings, "INFLUXDB_USERNAME"),
-            password=_optional_secret(settings, "INFLUXDB_PASSWORD"),
-            token=_optional_secret(settings, "INFLUXDB_TOKEN"),
-        ),
-        "postgres": PostgresResource(dsn=_secret(settings, "ENERGY_PG_DSN", settings.pg_dsn)),
-        "minute_sensors": from_settings(MinuteSensorSettings, settings),
-        "minute_runs": from_settings(MinuteRunSettings, settings),
-        "alert_channels": AlertChannelsResource(
-            webhook_url=_secret(settings, "ALERT_WEBHOOK_URL", settings.alert_webhook_url) or None,
-            webhook_secret=_optional_secret(settings, "ALERT_WEBHOOK_SECRET"),
-            slack_webhook_url=_optional_secret(settings, "ALERT_SLACK_WEBHOOK_URL"),
-            smtp_host=settings.alert_smtp_host or None,
-            smtp_port=settings.alert_smtp_port,
-            smtp_username=settings.alert_smtp_username or None,
-            smtp_password=_optional_secret(settings, "ALERT_SMTP_PASSWORD"),
-            smtp_from=settings.alert_smtp_from or None,
-            smtp_to=list(settings.alert_smtp_to),
-            smtp_starttls=settings.alert_smtp_starttls,
-        ),
+        key: from_settings(resource, settings, prefix)
+        for key, (resource, prefix) in SHARED_RESOURCES.items()
     }
 
 

@@ -1,14 +1,15 @@
-"""Dagster resources for the systems the pipeline talks to: InfluxDB and PostgreSQL."""
+"""Dagster resources for the systems the pipeline talks to (InfluxDB and PostgreSQL), and how any
+resource is configured from `Settings`."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
 import psycopg
 
-from energy_pipeline.config import READ_PARALLELISM, Settings
+from energy_pipeline.config import READ_PARALLELISM, Settings, env_setting
 from energy_pipeline.influx import InfluxClient
 from energy_pipeline.sources import RawSource
 from energy_pipeline.storage import connect
@@ -56,8 +57,40 @@ class PostgresResource(dg.ConfigurableResource):
 SettingsResource = TypeVar("SettingsResource", bound=dg.ConfigurableResource)
 
 
-def from_settings(resource: type[SettingsResource], settings: Settings) -> SettingsResource:
-    """`resource` configured from the `Settings` fields of the same names; its other fields keep
-    their defaults. A setting a resource needs is a field of both, never copied by hand."""
-    shared = set(resource.model_fields) & {f.name for f in dataclasses.fields(settings)}
-    return resource(**{name: getattr(settings, name) for name in shared})
+def settings_fields(resource: type[dg.ConfigurableResource], prefix: str = "") -> dict[str, str]:
+    """Which `Settings` field fills each field of `resource`: `prefix + name`, else `name`. A
+    resource field with neither is left out (it keeps its default)."""
+    names = {f.name for f in dataclasses.fields(Settings)} - {"env_secrets"}
+    found = {}
+    for name in resource.model_fields:
+        for candidate in (prefix + name, name):
+            if candidate in names:
+                found[name] = candidate
+                break
+    return found
+
+
+def _resource_value(settings: Settings, name: str, optional: bool) -> Any:
+    value = getattr(settings, name)
+    spec = env_setting(name)
+    if spec is not None and spec.variable in settings.env_secrets:
+        # Typed as the value: Dagster resolves the EnvVar to its text when a run starts.
+        return dg.EnvVar(spec.variable)
+    if optional and value == "":
+        return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def from_settings(
+    resource: type[SettingsResource], settings: Settings, prefix: str = ""
+) -> SettingsResource:
+    """`resource` configured from `settings`: each field from the setting `settings_fields` names,
+    as an `EnvVar` when the setting is a secret taken from the environment, None for an unset
+    setting of an optional field, a list for a tuple. A setting a resource needs is declared once,
+    in `Settings`, and never copied by hand."""
+    return resource(
+        **{
+            name: _resource_value(settings, setting, resource.model_fields[name].default is None)
+            for name, setting in settings_fields(resource, prefix).items()
+        }
+    )

@@ -24,7 +24,7 @@ def test_environment_overrides_and_secrets_stay_out_of_repr():
                            "ENERGY_LATENESS_SECONDS": "60"})  # fmt: skip
     assert s.influx_url == "http://127.0.0.1:9"
     assert s.lateness_seconds == 60
-    assert s.secrets["INFLUXDB_PASSWORD"] == "hunter2"
+    assert s.influx_password == "hunter2"
     assert "hunter2" not in repr(s)
 
 
@@ -139,3 +139,131 @@ def test_settings_resources_take_every_same_named_setting():
 
     with pytest.raises(Exception, match="settle_secs"):
         from_settings(Misspelt, s)
+
+
+# Per resource, the `Settings` field each of its fields is filled from. A renamed setting or
+# resource field changes this table, so it cannot silently stop reaching its resource.
+FILLED_FROM_SETTINGS = {
+    "influxdb": {
+        "url": "influx_url",
+        "database": "influx_database",
+        "retention_policy": "influx_retention_policy",
+        "measurement": "influx_measurement",
+        "read_parallelism": "read_parallelism",
+        "username": "influx_username",
+        "password": "influx_password",
+        "token": "influx_token",
+    },
+    "postgres": {"dsn": "pg_dsn"},
+    "minute_sensors": {
+        name: name
+        for name in (
+            "settle_seconds",
+            "lateness_seconds",
+            "late_audit_extra_seconds",
+            "late_recent_seconds",
+            "late_full_scan_seconds",
+            "max_range_minutes",
+            "raw_retention_days",
+            "run_timeout_seconds",
+        )
+    },
+    "minute_runs": {"chunk_minutes": "chunk_minutes"},
+    "alert_channels": {
+        "webhook_url": "alert_webhook_url",
+        "webhook_secret": "alert_webhook_secret",
+        "slack_webhook_url": "alert_slack_webhook_url",
+        "smtp_host": "alert_smtp_host",
+        "smtp_port": "alert_smtp_port",
+        "smtp_username": "alert_smtp_username",
+        "smtp_password": "alert_smtp_password",
+        "smtp_from": "alert_smtp_from",
+        "smtp_to": "alert_smtp_to",
+        "smtp_starttls": "alert_smtp_starttls",
+    },
+}
+
+
+def test_each_shared_resource_is_filled_from_the_settings_listed_here():
+    from energy_pipeline.definitions import SHARED_RESOURCES, build_resources
+    from energy_pipeline.resources import settings_fields
+
+    assert set(SHARED_RESOURCES) == set(FILLED_FROM_SETTINGS)
+    for key, (resource, prefix) in SHARED_RESOURCES.items():
+        assert settings_fields(resource, prefix) == FILLED_FROM_SETTINGS[key], key
+    # The fields left out keep their defaults (timeouts, which no setting names).
+    built = build_resources(Settings.from_env({}))
+    assert built["influxdb"].timeout_s == 120.0
+    assert built["alert_channels"].http_timeout_s == (
+        built["alert_channels"].model_fields["http_timeout_s"].default
+    )
+
+
+CREDENTIALS_ENV = {
+    "INFLUXDB_URL": "http://reader:url-pw-41@influx.example:8086",
+    "INFLUXDB_TOKEN": "token-41",
+    "INFLUXDB_USERNAME": "reader",
+    "INFLUXDB_PASSWORD": "influx-pw-41",
+    "ENERGY_PG_DSN": "postgresql://etl:pg-pw-41@db.example/energy",
+    "ALERT_WEBHOOK_URL": "https://hooks.example.org/e?token=hook-token-41",
+    "ALERT_WEBHOOK_SECRET": "whsec-41",
+    "ALERT_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/slack-41",
+    "ALERT_SMTP_PASSWORD": "smtp-pw-41",
+}
+
+
+def test_a_secret_from_the_environment_reaches_its_resource_as_an_env_var_not_its_value():
+    import dagster as dg
+
+    from energy_pipeline.definitions import build_resources
+
+    resources = build_resources(Settings.from_env(CREDENTIALS_ENV))
+    expected = {
+        ("influxdb", "url"): "INFLUXDB_URL",
+        ("influxdb", "token"): "INFLUXDB_TOKEN",
+        ("influxdb", "username"): "INFLUXDB_USERNAME",
+        ("influxdb", "password"): "INFLUXDB_PASSWORD",
+        ("postgres", "dsn"): "ENERGY_PG_DSN",
+        ("alert_channels", "webhook_url"): "ALERT_WEBHOOK_URL",
+        ("alert_channels", "webhook_secret"): "ALERT_WEBHOOK_SECRET",
+        ("alert_channels", "slack_webhook_url"): "ALERT_SLACK_WEBHOOK_URL",
+        ("alert_channels", "smtp_password"): "ALERT_SMTP_PASSWORD",
+    }
+    for (key, name), variable in expected.items():
+        value = getattr(resources[key], name)
+        assert isinstance(value, dg.EnvVar) and value.env_var_name == variable, (key, name)
+    shown = " ".join(repr(resource) for resource in resources.values())
+    assert "-41" not in shown
+
+
+def test_values_that_hold_no_secret_reach_their_resource_as_values():
+    from energy_pipeline.definitions import build_resources
+
+    env = {
+        "INFLUXDB_URL": "http://influx.example:8086",
+        "ALERT_WEBHOOK_URL": "https://hooks.example.org/energy",
+        "ALERT_WEBHOOK_SECRET": "whsec-41",
+        "ALERT_SMTP_HOST": "smtp.example.org",
+        "ALERT_SMTP_FROM": "alerts@example.org",
+        "ALERT_SMTP_TO": "a@example.org, b@example.org",
+    }
+    resources = build_resources(Settings.from_env(env))
+    influx, alerts = resources["influxdb"], resources["alert_channels"]
+    assert influx.url == "http://influx.example:8086"
+    # Unset credentials are None, not an EnvVar of an empty variable.
+    assert (influx.username, influx.password, influx.token) == (None, None, None)
+    # The default DSN did not come from the environment: there is no variable to resolve.
+    assert resources["postgres"].dsn == "postgresql://postgres@127.0.0.1:15432/energy"
+    assert alerts.webhook_url == "https://hooks.example.org/energy"
+    assert alerts.smtp_to == ["a@example.org", "b@example.org"]
+    assert (alerts.slack_webhook_url, alerts.smtp_username) == (None, None)
+
+
+def test_repr_masks_every_declared_secret_and_keeps_the_rest_readable():
+    s = Settings.from_env(CREDENTIALS_ENV)
+    shown = repr(s)
+    assert "-41" not in shown
+    assert "influx.example:8086" in shown and "hooks.example.org/e" in shown
+    assert "influx_token='***'" in shown and "alert_smtp_password='***'" in shown
+    assert "influx_username=''" not in shown  # set, and masked like the others
+    assert "alert_smtp_username=''" in shown  # unset values stay visible as unset

@@ -9,18 +9,23 @@ import re
 import pytest
 
 from energy_pipeline.config import (
+    ALERT_SECRET_VARIABLES,
+    ALWAYS,
     ENV_METADATA,
     PROJECT_ROOT,
     VARIABLES_READ_ELSEWHERE,
+    WITH_USERINFO,
+    WITH_USERINFO_OR_QUERY,
     ConfigError,
     EnvSetting,
     Settings,
+    secret_variables,
     setting_variables,
 )
 
 VARIABLE = re.compile(r"\b(?:ENERGY|INFLUXDB|ALERT|DAGSTER)_[A-Z0-9_]*[A-Z0-9]\b")
-# Fields that are not settings of their own: filled from the credential variables.
-NOT_FROM_ONE_VARIABLE = {"secrets", "env_secrets"}
+# Not a setting of its own: the secret variables these settings took from the environment.
+NOT_FROM_ONE_VARIABLE = {"env_secrets"}
 
 
 def _configuration_table() -> dict[str, str]:
@@ -112,3 +117,47 @@ def test_derived_defaults_follow_the_settings_they_come_from(tmp_path):
     assert s.reports_dir == tmp_path / "reports"
     explicit = Settings.from_env({"ENERGY_PG_PORT": "2345", "ENERGY_PG_DSN": "host=db"})
     assert explicit.pg_dsn == "host=db"
+
+
+def test_secrecy_is_declared_with_each_setting():
+    assert secret_variables() == {
+        "INFLUXDB_URL": WITH_USERINFO,
+        "INFLUXDB_TOKEN": ALWAYS,
+        "INFLUXDB_USERNAME": ALWAYS,
+        "INFLUXDB_PASSWORD": ALWAYS,
+        "ENERGY_PG_DSN": ALWAYS,
+        "ALERT_WEBHOOK_URL": WITH_USERINFO_OR_QUERY,
+        "ALERT_WEBHOOK_SECRET": ALWAYS,
+        "ALERT_SLACK_WEBHOOK_URL": ALWAYS,
+        "ALERT_SMTP_PASSWORD": ALWAYS,
+    }
+    # The CLI scrubs these from what it prints: they must be the alert credentials declared.
+    assert set(ALERT_SECRET_VARIABLES) == {
+        v for v, rule in secret_variables().items() if v.startswith("ALERT_") and rule is ALWAYS
+    }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "secret"),
+    [
+        ("INFLUXDB_URL", "http://influx.example:8086", False),
+        ("INFLUXDB_URL", "http://u:p@influx.example:8086", True),
+        ("INFLUXDB_URL", "http://influx.example:8086/?db=energy", False),
+        ("ALERT_WEBHOOK_URL", "https://hooks.example.org/e", False),
+        ("ALERT_WEBHOOK_URL", "https://hooks.example.org/e?token=t", True),
+        ("ALERT_WEBHOOK_URL", "https://u:p@hooks.example.org/e", True),
+        ("ENERGY_PG_DSN", "postgresql://etl@db.example/energy", True),
+        ("INFLUXDB_TOKEN", "t", True),
+        ("INFLUXDB_DATABASE", "energy", False),
+    ],
+)
+def test_a_value_from_the_environment_is_secret_by_its_declared_rule(variable, value, secret):
+    env = {variable: value}
+    if variable == "ALERT_WEBHOOK_URL":
+        env["ALERT_WEBHOOK_SECRET"] = "s"
+    assert (variable in Settings.from_env(env).env_secrets) is secret
+
+
+def test_defaults_are_never_env_secrets():
+    # The derived DSN and URL did not come from the environment: nothing to resolve at run time.
+    assert Settings.from_env({}).env_secrets == frozenset()
