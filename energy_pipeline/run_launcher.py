@@ -22,7 +22,7 @@ its run started fails the run at once (a CANCELING run is marked CANCELED). A pr
 while its run is STARTED is reported FAILED by the health check, and monitoring fails the run
 within a poll interval instead of at the runtime limit. Termination works from any process: the
 run is marked CANCELING, which the run process watches for (and a local one also gets an
-interrupt at once).
+interrupt at once, or is killed if it has not taken the run yet: it holds nothing of the run).
 
 Run `python -m energy_pipeline.run_launcher FD` is the spare (FD: the write end of its pipe to
 the launcher): it is started only by the launcher.
@@ -258,7 +258,10 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
         with self._lock:
             spare = self._workers.get(run_id)
         if spare is not None and spare.alive():
-            spare.process.send_signal(signal.SIGINT)
+            if spare.took_run.is_set():
+                spare.process.send_signal(signal.SIGINT)
+            else:  # an interrupt amid its imports would only crash it; `_watch` ends the run
+                spare.process.kill()
         # Otherwise the run process sees CANCELING itself (its cancellation thread).
         return True
 

@@ -259,6 +259,25 @@ def test_a_run_whose_process_dies_before_starting_it_fails_at_once(
     assert _reaped(pid)
 
 
+def test_terminating_a_run_whose_process_is_still_importing_cancels_it(
+    stack, gated_spares: Path, tmp_path: Path
+):
+    instance, _, _ = stack
+    run = _launch(stack, tmp_path / "out.json")
+    pid = _handed_to(instance, run.run_id)
+    assert instance.run_launcher.terminate(run.run_id) is True
+    done = _wait("the run to end", lambda: _finished(instance, run.run_id))
+    assert done.status == DagsterRunStatus.CANCELED
+    # Killed (it held nothing of the run yet), not interrupted amid its imports, and reaped.
+    canceled = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_CANCELED)
+    assert [e.message for e in canceled] == [
+        f"The run's process (pid {pid}) exited with code -9 while importing its libraries,"
+        " before the run started."
+    ]
+    assert not (tmp_path / "out.json").exists()
+    assert _reaped(pid)
+
+
 def test_a_run_of_a_separate_code_server_goes_the_default_way():
     origin = GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4000, location_name="remote")
 
