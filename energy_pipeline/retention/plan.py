@@ -186,12 +186,15 @@ class PartitionVacuum:
         )
 
     def describe(self) -> str:
-        before = f"{self.visible_pages}/{self.pages}"
-        after = f" -> {self.visible_pages_after}/{self.pages_after}" if self.vacuumed else ""
+        after = (
+            f", {self.visible_pages_after}/{self.pages_after} after this one"
+            if self.vacuumed
+            else ""
+        )
         return (
             f"{self.name}: {self.rows_since_vacuum} rows inserted since its last vacuum, "
-            f"{self.rows_since_analyze} changed since its last analyze, all-visible pages "
-            f"{before}{after}"
+            f"{self.rows_since_analyze} changed since its last analyze; all-visible pages "
+            f"{self.visible_pages}/{self.pages} at its last vacuum or analyze{after}"
         )
 
 
