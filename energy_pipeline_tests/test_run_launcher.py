@@ -92,23 +92,21 @@ def stack(tmp_path: Path, dagster_db: str, monkeypatch: pytest.MonkeyPatch) -> I
 
 
 # Put first on a spare's sys.path: its start-up waits until the gate file exists, then exits
-# with code 3 (an interpreter that cannot import the launcher) if the file says so.
+# with code 3, as an interpreter that cannot import the launcher does.
 GATE = """
 import os, time
 from pathlib import Path
 
-gate = Path(os.environ["LAUNCHER_TEST_GATE"])
-while not gate.exists():
+while not Path(os.environ["LAUNCHER_TEST_GATE"]).exists():
     time.sleep(0.05)
-if gate.read_text() == "exit":
-    os._exit(3)
+os._exit(3)
 """
 
 
 @pytest.fixture
 def gated_spares(stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Spares started from now on hang at start-up until the returned gate file is written
-    ("exit": they exit with code 3); the code server, started before, is not affected."""
+    """Spares started from now on hang at start-up until the returned gate file is created, then
+    exit with code 3; the code server, started before, is not affected."""
     site = tmp_path / "gate_site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(GATE)
@@ -118,7 +116,7 @@ def gated_spares(stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     )
     monkeypatch.setenv("LAUNCHER_TEST_GATE", str(gate))
     yield gate
-    gate.write_text("exit")  # lets spares still waiting end before the launcher is disposed
+    gate.touch()  # ends the spares still waiting before the launcher is disposed
 
 
 def _launch(stack: Any, out: Path, sleep_s: float = 0.0, exit_quietly: bool = False) -> DagsterRun:
@@ -244,7 +242,7 @@ def test_a_run_whose_process_dies_before_starting_it_fails_at_once(
     if death == "killed while importing":
         os.kill(pid, signal.SIGKILL)
     else:
-        gated_spares.write_text("exit")
+        gated_spares.touch()
     # Only the launcher can end the run before run monitoring's start timeout (180 s):
     # monitoring asks a launcher about the health of STARTED runs only.
     done = _wait("the run to end", lambda: _finished(instance, run.run_id))
