@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -264,6 +265,22 @@ class WarmRunLauncher(dg.DefaultRunLauncher):
                 spare.process.kill()
         # Otherwise the run process sees CANCELING itself (its cancellation thread).
         return True
+
+    def join(self, timeout: int = 30) -> None:
+        """Waits until the runs handed to run processes have finished and their processes have
+        exited, then for the runs launched the default way (DefaultRunLauncher.join); raises
+        TimeoutError after `timeout` seconds in all, naming the runs still unfinished."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._reap()
+            with self._lock:
+                waiting = list(self._workers)
+            if not waiting:
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Timed out waiting for these runs to finish: {waiting!r}")
+            time.sleep(0.1)
+        super().join(timeout=max(int(deadline - time.monotonic()), 0))
 
     def dispose(self) -> None:
         with self._lock:

@@ -276,6 +276,19 @@ def test_terminating_a_run_whose_process_is_still_importing_cancels_it(
     assert _reaped(pid)
 
 
+def test_join_waits_for_the_runs_handed_to_run_processes(stack, tmp_path: Path):
+    instance, _, _ = stack
+    launcher = instance.run_launcher
+    run = _launch(stack, tmp_path / "out.json", sleep_s=120)
+    _wait("the run to start", lambda: (tmp_path / "out.json").exists())
+    with pytest.raises(TimeoutError, match=run.run_id):
+        launcher.join(timeout=1)
+    launcher.terminate(run.run_id)
+    launcher.join(timeout=60)
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.CANCELED
+    assert _reaped(_handed_to(instance, run.run_id))
+
+
 def test_a_run_of_a_separate_code_server_goes_the_default_way():
     origin = GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4000, location_name="remote")
 
