@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,3 +92,26 @@ def dagster_db(pg_server: LocalPostgres) -> Iterator[str]:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@pytest.fixture
+def logins(pg_server: LocalPostgres) -> Iterator[Callable[..., str]]:
+    """Create login roles on the test cluster (trust auth: no password needed), each by
+    `statements` with `{user}` its new name; dropped after, with what they own."""
+    made: list[str] = []
+
+    def make(prefix: str, statements: tuple[str, ...] = ("CREATE ROLE {user} LOGIN",)) -> str:
+        name = f"u_{prefix}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            for stmt in statements:
+                conn.execute(sql.SQL(stmt).format(user=sql.Identifier(name)))
+        made.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        for name in made:
+            for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datallowconn"):
+                with psycopg.connect(pg_server.dsn(db), autocommit=True) as c:
+                    c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))

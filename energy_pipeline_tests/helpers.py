@@ -153,3 +153,21 @@ def database_from(server: LocalPostgres, template: str) -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+# What README ("Roles") tells a DBA to run for a BI login: role settings are not inherited.
+BI_LOGIN_SQL = (
+    "CREATE ROLE {user} LOGIN IN ROLE bi_reader",
+    "ALTER ROLE {user} SET default_transaction_read_only = on",
+    "ALTER ROLE {user} SET statement_timeout = '30s'",
+)
+
+
+def member_of(group: str) -> tuple[str, ...]:
+    """The statements (for the `logins` fixture) of a plain login in `group`."""
+    return (f"CREATE ROLE {{user}} LOGIN IN ROLE {group}",)
+
+
+def as_user(dsn: str, user: str) -> str:
+    """`dsn` (the test cluster's superuser) logging in as `user` instead."""
+    return dsn.replace("postgres@", f"{user}@", 1)

@@ -4,7 +4,7 @@ the views carry the registry's metadata, and `fresh_as_of` names the newest comp
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -12,6 +12,7 @@ import pytest
 from psycopg import errors, sql
 
 from energy_pipeline.devtools.services import LocalPostgres
+from energy_pipeline_tests.helpers import BI_LOGIN_SQL, as_user
 
 BI_VIEWS = {
     "bi_households",
@@ -53,40 +54,8 @@ INTERNAL_TABLES = {
     "alert_baseline_hours",
 }
 WRITE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
-# What README ("Roles") tells a DBA to run for a BI login: role settings are not inherited.
-BI_LOGIN_SQL = (
-    "CREATE ROLE {user} LOGIN IN ROLE bi_reader",
-    "ALTER ROLE {user} SET default_transaction_read_only = on",
-    "ALTER ROLE {user} SET statement_timeout = '30s'",
-)
 DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)  # has partitions
 T0 = DAY + timedelta(hours=10)
-
-
-def as_user(dsn: str, user: str) -> str:
-    return dsn.replace("postgres@", f"{user}@", 1)
-
-
-@pytest.fixture
-def logins(pg_server: LocalPostgres) -> Iterator[Callable[..., str]]:
-    """Create login roles on the test cluster (trust auth); dropped with what they own."""
-    made: list[str] = []
-
-    def make(prefix: str, statements: tuple[str, ...] = ("CREATE ROLE {user} LOGIN",)) -> str:
-        name = f"u_{prefix}_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-            for stmt in statements:
-                conn.execute(sql.SQL(stmt).format(user=sql.Identifier(name)))
-        made.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        for name in made:
-            for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datallowconn"):
-                with psycopg.connect(pg_server.dsn(db), autocommit=True) as c:
-                    c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def seed(dsn: str) -> None:

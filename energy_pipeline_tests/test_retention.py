@@ -28,6 +28,7 @@ from energy_pipeline.retention import (
     validate_horizons,
 )
 from energy_pipeline.storage import connect, create_partitions
+from energy_pipeline_tests.helpers import as_user, member_of
 
 NOW = datetime(2026, 11, 28, 12, 30, tzinfo=UTC)
 LATENESS = timedelta(hours=2)
@@ -538,6 +539,34 @@ def test_a_finished_day_held_by_a_lock_is_a_warning_and_retention_finishes(pg_ds
     assert report.partitions_dropped == 5 and ahead == NOW.date() + timedelta(days=7)
     # The next run vacuums the day it could not.
     assert [(v.day, v.vacuumed) for v in again.vacuums] == [(FINISHED, True)]
+
+
+KEEP_ALL = tuple(replace(h, days=0) for h in SHORT)  # nothing expires: only the vacuum acts
+
+
+def test_a_finished_day_vacuums_only_as_its_owner_and_otherwise_warns(pg_dsn, logins):
+    with connect(pg_dsn) as conn:
+        _write_days(conn, [FINISHED])
+    part = f"energy.device_rollup_1m_p{FINISHED:%Y%m%d}"
+    # The pipeline's own login can run retention when nothing expires, but the partitions
+    # belong to energy_owner (ensure_day_partitions creates them as it).
+    with connect(as_user(pg_dsn, logins("writer", member_of("energy_writer")))) as conn:
+        writer = run_retention(conn, KEEP_ALL, LATENESS, NOW)
+    with connect(as_user(pg_dsn, logins("owner", member_of("energy_owner")))) as conn:
+        owner = run_retention(conn, KEEP_ALL, LATENESS, NOW)
+
+    [w] = writer.vacuums
+    assert (w.day, w.owned, w.vacuumed) == (FINISHED, False, False)
+    assert w.error == (
+        "not vacuumed: only its owner can vacuum it (connect as a member of energy_owner)"
+    )
+    assert writer.partitions_vacuumed == 0
+    assert writer.vacuum_warnings == [f"{part} {w.error}"]
+    assert f"warning: {part} not vacuumed: only its owner" in format_report(writer)
+    # The day still needed it; its owner's run vacuums it.
+    [o] = owner.vacuums
+    assert (o.day, o.owned, o.vacuumed, o.error) == (FINISHED, True, True, "")
+    assert owner.partitions_vacuumed == 1 and not owner.vacuum_warnings
 
 
 # --- Command line ---------------------------------------------------------------------------

@@ -20,42 +20,8 @@ from psycopg import errors, sql
 from energy_pipeline.devtools.services import LocalPostgres, free_port
 from energy_pipeline.migrations import upgrade
 from energy_pipeline.storage import connect, replace_minutes
+from energy_pipeline_tests.helpers import BI_LOGIN_SQL, as_user, member_of
 from energy_pipeline_tests.test_partitions import day_start, minute_frames
-
-# What README ("Roles") tells a DBA to run for a BI login: role settings are not inherited.
-BI_USER_SQL = (
-    "CREATE ROLE {user} LOGIN IN ROLE bi_reader;"
-    "ALTER ROLE {user} SET default_transaction_read_only = on;"
-    "ALTER ROLE {user} SET statement_timeout = '30s'"
-)
-
-
-def as_user(dsn: str, user: str) -> str:
-    return dsn.replace("postgres@", f"{user}@", 1)
-
-
-@pytest.fixture
-def make_user(pg_server: LocalPostgres) -> Iterator:
-    """Create login users (trust auth: no password needed on the test cluster); dropped after."""
-    made: list[str] = []
-
-    def make(group: str, template: str = "CREATE ROLE {user} LOGIN IN ROLE {group}") -> str:
-        name = f"u_{group}_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-            for stmt in template.split(";"):
-                conn.execute(
-                    sql.SQL(stmt).format(user=sql.Identifier(name), group=sql.Identifier(group))
-                )
-        made.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        for name in made:
-            for db in conn.execute("SELECT datname FROM pg_database WHERE datallowconn"):
-                with psycopg.connect(pg_server.dsn(db[0]), autocommit=True) as c:
-                    c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def write(dsn: str, minute: datetime) -> None:
@@ -84,10 +50,8 @@ def test_roles_exist_and_own_the_schema(pg_dsn):
     assert definer[0] is True and "search_path=pg_catalog, pg_temp" in definer[1]
 
 
-def test_writer_writes_minutes_and_creates_partitions_but_cannot_change_the_schema(
-    pg_dsn, make_user
-):
-    dsn = as_user(pg_dsn, make_user("energy_writer"))
+def test_writer_writes_minutes_and_creates_partitions_but_cannot_change_the_schema(pg_dsn, logins):
+    dsn = as_user(pg_dsn, logins("writer", member_of("energy_writer")))
     write(dsn, day_start(0) + timedelta(minutes=3))
     new_day = day_start(20)
     write(dsn, new_day)  # day +20 has no partition yet: created through the definer function
@@ -119,9 +83,9 @@ def test_writer_writes_minutes_and_creates_partitions_but_cannot_change_the_sche
             )
 
 
-def test_bi_reader_selects_only_in_read_only_transactions_with_a_timeout(pg_dsn, make_user):
+def test_bi_reader_selects_only_in_read_only_transactions_with_a_timeout(pg_dsn, logins):
     write(pg_dsn, day_start(25))  # a partition created after the migration: default privileges
-    dsn = as_user(pg_dsn, make_user("bi_reader", BI_USER_SQL))
+    dsn = as_user(pg_dsn, logins("bi", BI_LOGIN_SQL))
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM energy.device_rollup_1m").fetchone()[0] == 1
         partition = f"energy.device_rollup_1m_p{day_start(25):%Y%m%d}"
@@ -146,8 +110,8 @@ def test_bi_reader_selects_only_in_read_only_transactions_with_a_timeout(pg_dsn,
             conn.execute("SELECT pg_sleep(2)")
 
 
-def test_owner_login_migrates_a_database_it_owns(pg_server, make_user):
-    owner = make_user("energy_owner")
+def test_owner_login_migrates_a_database_it_owns(pg_server, logins):
+    owner = logins("owner", member_of("energy_owner"))
     name = f"t_owner_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
         conn.execute(
