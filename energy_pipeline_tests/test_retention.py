@@ -30,7 +30,9 @@ from energy_pipeline.retention import (
 from energy_pipeline.storage import connect, create_partitions
 from energy_pipeline_tests.helpers import as_user, member_of
 
-NOW = datetime(2026, 11, 28, 12, 30, tzinfo=UTC)
+# Today, 12:30 UTC: the migrated template holds day partitions up to the real today + 7, the
+# same days retention creates ahead of `now`.
+NOW = datetime.now(UTC).replace(hour=12, minute=30, second=0, microsecond=0)
 LATENESS = timedelta(hours=2)
 DAYS = [NOW.date() - timedelta(days=n) for n in range(6, -1, -1)]  # 6 days ago .. today
 SHORT = (
@@ -106,13 +108,20 @@ def test_zero_keeps_forever_and_short_raw_retention_moves_the_bound():
         validate_horizons(replace(s, raw_retention_days=3, retention_device_rollup_1m_days=3))
 
 
+MIDDAY = datetime(2026, 11, 28, 12, 30, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
     ("now", "lateness", "expected"),
     [
         # 10:30 is past the 27th's end: the 27th and the two days before it, never the 28th.
-        (NOW, LATENESS, [date(2026, 11, 25), date(2026, 11, 26), date(2026, 11, 27)]),
+        (MIDDAY, LATENESS, [date(2026, 11, 25), date(2026, 11, 26), date(2026, 11, 27)]),
         # 22:30 on the 27th: the 27th is still inside the lateness window.
-        (NOW, timedelta(hours=14), [date(2026, 11, 24), date(2026, 11, 25), date(2026, 11, 26)]),
+        (
+            MIDDAY,
+            timedelta(hours=14),
+            [date(2026, 11, 24), date(2026, 11, 25), date(2026, 11, 26)],
+        ),
         # The run just after midnight with no lateness: yesterday is finished.
         (
             datetime(2026, 11, 28, 0, 0, tzinfo=UTC),
