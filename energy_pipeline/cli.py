@@ -77,8 +77,8 @@ def services_up(settings: Settings) -> None:
     client = _influx(settings)
     client.create_database()
     print(f"InfluxDB   {_influx_retention(settings, client)}")
-    for db in ("energy", "dagster"):
-        pg.create_database(db)
+    pg.create_database("energy")
+    pg.create_database("dagster", private=True)
     upgrade(settings.pg_dsn)
     print(f"schema 'energy' migrated in {redact_dsn(settings.pg_dsn)}")
 
@@ -106,8 +106,13 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _create_pg_database(dsn: str) -> str:
-    """Create the database `dsn` names if it is missing and the user may; says what happened."""
+def _create_pg_database(dsn: str, *, private: bool = False) -> str:
+    """Create the database `dsn` names if it is missing and the user may; says what happened.
+
+    `private`: a database created here is for its owner alone (CONNECT taken from PUBLIC, which
+    PostgreSQL grants it on every new database), so other logins, BI's included, cannot even list
+    its tables; superusers and the owner still connect. An existing database is left as it is.
+    """
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -124,8 +129,16 @@ def _create_pg_database(dsn: str) -> str:
     else:
         return f"database {name!r}: not checked (cannot connect to a maintenance database)"
     with conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            return f"database {name!r}: exists ({shown})"
+        found = conn.execute(
+            "SELECT has_database_privilege('public', datname, 'CONNECT') FROM pg_database "
+            "WHERE datname = %s",
+            (name,),
+        ).fetchone()
+        if found:
+            open_to_all = (
+                " and any login may connect (see README, BI)" if private and found[0] else ""
+            )
+            return f"database {name!r}: exists{open_to_all} ({shown})"
         row = conn.execute(
             "SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user"
         ).fetchone()
@@ -138,6 +151,11 @@ def _create_pg_database(dsn: str) -> str:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         except psycopg.errors.DuplicateDatabase:
             return f"database {name!r}: exists ({shown})"
+        if private:
+            conn.execute(
+                sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
+            )
+            return f"database {name!r}: created, for its owner only ({shown})"
     return f"database {name!r}: created ({shown})"
 
 
@@ -175,8 +193,8 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     print(f"InfluxDB {influx.url}: database {influx.database!r} ready")
     print(f"InfluxDB {_influx_retention(settings, influx)}")
     dagster_dsn = "postgresql://" + settings.dagster_pg_url.split("://", 1)[1]
-    for dsn in (settings.pg_dsn, dagster_dsn):
-        print(f"PostgreSQL {_create_pg_database(dsn)}")
+    print(f"PostgreSQL {_create_pg_database(settings.pg_dsn)}")
+    print(f"PostgreSQL {_create_pg_database(dagster_dsn, private=True)}")
     upgrade(settings.pg_dsn)
     print("PostgreSQL schema 'energy' at the newest revision, roles in place")
     home = Path(os.environ.get("DAGSTER_HOME") or settings.data_dir / "dagster_home")

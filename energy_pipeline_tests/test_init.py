@@ -12,6 +12,7 @@ from psycopg import sql
 from energy_pipeline.cli import main
 from energy_pipeline.config import PROJECT_ROOT, dagster_storage_url
 from energy_pipeline.influx import InfluxClient
+from energy_pipeline_tests.helpers import BI_LOGIN_SQL, as_user
 
 
 def drop_databases(pg_server, *names: str) -> None:
@@ -42,13 +43,15 @@ def init_env(monkeypatch, tmp_path, influx_server, pg_server):
 
 
 def test_init_sets_up_everything_and_is_idempotent(
-    init_env, capsys, pg_server, influx_server, tmp_path
+    init_env, capsys, pg_server, influx_server, tmp_path, logins
 ):
     assert main(["init"]) == 0
     first = capsys.readouterr().out
     assert main(["init"]) == 0
     second = capsys.readouterr().out
     assert "created" in first and "created" not in second
+    assert f"database {init_env['dagster']!r}: created, for its owner only" in first
+    assert f"database {init_env['dagster']!r}: exists (" in second
     assert f"database {init_env['energy']!r}: exists" in second
     assert "dagster.yaml up to date" in second
     assert (tmp_path / "dagster_home" / "dagster.yaml").read_bytes() == (
@@ -60,6 +63,12 @@ def test_init_sets_up_everything_and_is_idempotent(
         assert conn.execute("SELECT to_regrole('bi_reader') IS NOT NULL").fetchone()[0]
     with psycopg.connect(pg_server.dsn(init_env["dagster"])) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+    # A BI login reads the energy database and cannot even connect to Dagster's.
+    bi = logins("bi", BI_LOGIN_SQL)
+    with psycopg.connect(as_user(pg_server.dsn(init_env["energy"]), bi)) as conn:
+        assert conn.execute("SELECT count(*) FROM energy.bi_households").fetchone() == (0,)
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(as_user(pg_server.dsn(init_env["dagster"]), bi)).close()
     client = InfluxClient(influx_server.url, init_env["influx"])
     series = client.query_json(f'SHOW RETENTION POLICIES ON "{init_env["influx"]}"')[0]["series"]
     cols = series[0]["columns"]

@@ -344,8 +344,9 @@ class LocalPostgres:
             capture_output=True,
         )
 
-    def create_database(self, name: str) -> None:
-        """Create a database if it does not exist (name validated as a plain identifier)."""
+    def create_database(self, name: str, *, private: bool = False) -> None:
+        """Create a database if it does not exist (name validated as a plain identifier);
+        `private`: only its owner (the superuser here) may connect to it."""
         import psycopg
         from psycopg import sql
 
@@ -355,6 +356,12 @@ class LocalPostgres:
             ).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                if private:
+                    conn.execute(
+                        sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
+                            sql.Identifier(name)
+                        )
+                    )
 
 
 def _stop_pid(pid_file: Path, timeout_s: float, command: str) -> None:
