@@ -47,12 +47,12 @@ def build_definitions(settings: Settings, now: datetime | None = None) -> dg.Def
         build_retention_defs(settings),
         alert_delivery.build_defs(),
         build_alert_defs(now, settings.raw_retention_days),
-        build_report_defs(settings.reports_dir, settings.run_timeout_seconds),
+        build_report_defs(settings),
     ]
     return dg.Definitions.merge(
         *domains,
         # Partition starts follow the clock at load: keeps the webserver loading them daily.
-        partition_window.build_defs(domains, settings.webserver_url),
+        partition_window.build_defs(domains, settings),
         dg.Definitions(
             resources=build_resources(settings),
             # Rollup runs are small: run their steps in the run's own process, not one per step.

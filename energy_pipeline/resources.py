@@ -4,6 +4,7 @@ resource is configured from `Settings`."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
@@ -78,6 +79,8 @@ def _resource_value(settings: Settings, name: str, optional: bool) -> Any:
         return dg.EnvVar(spec.variable)
     if optional and value == "":
         return None
+    if isinstance(value, Path):  # Dagster config has no paths
+        return str(value)
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -199,6 +199,20 @@ def test_each_shared_resource_is_filled_from_the_settings_listed_here():
     )
 
 
+def test_domain_resources_are_filled_from_their_settings(tmp_path):
+    from energy_pipeline.definitions import build_definitions
+
+    env = {
+        "ENERGY_REPORTS_DIR": str(tmp_path / "pages"),
+        "DAGSTER_WEBSERVER_URL": "http://127.0.0.1:3999",
+    }
+    resources = build_definitions(Settings.from_env(env)).resources or {}
+    assert resources["report_output"].reports_dir == str(tmp_path / "pages")
+    assert resources["dagster_webserver"].url == "http://127.0.0.1:3999"
+    # A field no setting names keeps its default.
+    assert resources["dagster_webserver"].timeout_s == 10.0
+
+
 CREDENTIALS_ENV = {
     "INFLUXDB_URL": "http://reader:url-pw-41@influx.example:8086",
     "INFLUXDB_TOKEN": "token-41",

@@ -424,7 +424,7 @@ def materialize_day(dsn: str, out_dir: Path, day: date) -> dg.ExecuteInProcessRe
         [household_daily_report, kwh_matches_five_minute_rows],
         resources={
             "postgres": PostgresResource(dsn=dsn),
-            "report_output": ReportOutputResource(directory=str(out_dir)),
+            "report_output": ReportOutputResource(reports_dir=str(out_dir)),
         },
         partition_key=day.isoformat(),
         raise_on_error=False,
@@ -443,7 +443,7 @@ def run_check_only(dsn: str, day: date) -> dg.AssetCheckEvaluation:
         jobs=[job],
         resources={
             "postgres": PostgresResource(dsn=dsn),
-            "report_output": ReportOutputResource(directory="/nonexistent"),
+            "report_output": ReportOutputResource(reports_dir="/nonexistent"),
         },
     )
     result = defs.resolve_job_def(job.name).execute_in_process(
@@ -533,7 +533,7 @@ def test_sensor_requests_due_days_then_only_recomputed_ones(
         [household_daily_report],
         resources={
             "postgres": PostgresResource(dsn=loaded_dsn),
-            "report_output": ReportOutputResource(directory="/dev/null/reports"),
+            "report_output": ReportOutputResource(reports_dir="/dev/null/reports"),
         },
         partition_key="2026-03-28",
         tags={ORIGIN_TAG: ORIGIN},

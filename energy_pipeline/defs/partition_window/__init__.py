@@ -10,14 +10,17 @@ from collections.abc import Sequence
 
 import dagster as dg
 
+from energy_pipeline.config import Settings
 from energy_pipeline.defs.partition_window.sensors import (
     DagsterWebserverResource,
     build_partition_window_sensor,
 )
+from energy_pipeline.resources import from_settings
 
 
-def build_defs(domains: Sequence[dg.Definitions], webserver_url: str) -> dg.Definitions:
-    """The sensor watching every time-partitioned asset of `domains`, and its webserver client."""
+def build_defs(domains: Sequence[dg.Definitions], settings: Settings) -> dg.Definitions:
+    """The sensor watching every time-partitioned asset of `domains`, and its webserver client
+    (`DAGSTER_WEBSERVER_URL`)."""
     watched = {
         asset.key: asset.partitions_def
         for domain in domains
@@ -25,7 +28,8 @@ def build_defs(domains: Sequence[dg.Definitions], webserver_url: str) -> dg.Defi
         if isinstance(asset, dg.AssetsDefinition)
         and isinstance(asset.partitions_def, dg.TimeWindowPartitionsDefinition)
     }
+    webserver = from_settings(DagsterWebserverResource, settings, "webserver_")
     return dg.Definitions(
         sensors=[build_partition_window_sensor(watched)],
-        resources={"dagster_webserver": DagsterWebserverResource(url=webserver_url)},
+        resources={"dagster_webserver": webserver},
     )

@@ -19,10 +19,10 @@ MAX_ZONE_NOTES = 20
 class ReportOutputResource(dg.ConfigurableResource):
     """Where rendered report pages are written."""
 
-    directory: str
+    reports_dir: str
 
     def fleet_path(self, day: date) -> Path:
-        return Path(self.directory) / "fleet" / f"{day.isoformat()}.html"
+        return Path(self.reports_dir) / "fleet" / f"{day.isoformat()}.html"
 
 
 def days_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> list[date]:
