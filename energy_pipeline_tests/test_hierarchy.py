@@ -290,8 +290,9 @@ def test_window_ledger_records_coverage_and_newest_minute(conn):
     ]
 
 
+@pytest.mark.parametrize(("column", "added"), [("energy_wh_sum", 0.5), ("sample_count", 3)])
 @pytest.mark.parametrize("grain", [HOUSEHOLD_5M, DEVICE_1H])
-def test_sum_checks_fail_on_a_tampered_minute_row(conn, grain):
+def test_sum_checks_fail_on_a_tampered_minute_row(conn, grain, column, added):
     hour = closed_hour()
     rows = synthetic_minutes(hour, 60)
     insert_minutes(conn, rows, hour + HOUR)
@@ -301,9 +302,9 @@ def test_sum_checks_fail_on_a_tampered_minute_row(conn, grain):
 
     tampered = rows[len(rows) // 2]
     conn.execute(
-        "UPDATE energy.device_rollup_1m SET energy_wh_sum = energy_wh_sum + 0.5 "
+        f"UPDATE energy.device_rollup_1m SET {column} = {column} + %s "
         "WHERE device_id = %s AND bucket = %s",
-        (tampered["device_id"], tampered["bucket"]),
+        (added, tampered["device_id"], tampered["bucket"]),
     )
     checks = sum_checks(conn, grain, hour, hour + HOUR)
     failed = [c for c in checks if not c.passed]
@@ -313,8 +314,11 @@ def test_sum_checks_fail_on_a_tampered_minute_row(conn, grain):
         <= tampered["bucket"]
         < failed[0].bucket + (FIVE if grain == HOUSEHOLD_5M else HOUR)
     )
-    assert close(failed[0].minute_energy_wh - failed[0].energy_wh, 0.5)
-    assert failed[0].samples == failed[0].minute_samples
+    # The failure shows the tampered sum's difference, and only that one.
+    energy_added = added if column == "energy_wh_sum" else 0.0
+    samples_added = added if column == "sample_count" else 0
+    assert close(failed[0].minute_energy_wh, failed[0].energy_wh + energy_added)
+    assert failed[0].minute_samples == failed[0].samples + samples_added
 
 
 def test_replace_rejects_windows_off_the_grain(conn):
