@@ -10,8 +10,14 @@ import psycopg
 import pytest
 
 from energy_pipeline import storage
+from energy_pipeline.config import Settings
+from energy_pipeline.definitions import build_definitions
 from energy_pipeline.defs.hierarchy import build_defs
-from energy_pipeline.defs.hierarchy.assets import device_rollup_1h, household_rollup_5m
+from energy_pipeline.defs.hierarchy.assets import (
+    MINUTE_ROLLUP,
+    device_rollup_1h,
+    household_rollup_5m,
+)
 from energy_pipeline.defs.hierarchy.checks import (
     HIERARCHY_CHECKS,
     MINUTES_COVERED,
@@ -27,6 +33,7 @@ from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M
 from energy_pipeline.resources import PostgresResource
+from energy_pipeline.scheduling import parse_partition_key
 from energy_pipeline_tests.helpers import close, materialize_minutes
 from energy_pipeline_tests.test_hierarchy import (
     closed_hour,
@@ -124,6 +131,37 @@ def test_definitions_load_with_lineage_to_the_minute_asset():
     assert {k.name for k in graph.asset_check_keys} == {SUMS_MATCH_MINUTES, MINUTES_COVERED}
     blocking = {s.name for c in HIERARCHY_CHECKS for s in c.check_specs if s.blocking}
     assert blocking == {SUMS_MATCH_MINUTES}
+
+
+@pytest.mark.parametrize(("grain", "minutes"), [(HOUSEHOLD_5M, 5), (DEVICE_1H, 60)])
+def test_a_window_maps_to_exactly_its_minute_partitions(grain, minutes):
+    graph = build_definitions(Settings.from_env({})).resolve_asset_graph()
+    window = closed_hour() + (FIVE if grain == HOUSEHOLD_5M else timedelta(0))
+
+    mapped = graph.get_parent_partition_keys_for_child(
+        key(window), MINUTE_ROLLUP, dg.AssetKey(grain)
+    )
+
+    expected = [key(window + i * timedelta(minutes=1)) for i in range(minutes)]
+    assert list(mapped.partitions_subset.get_partition_keys()) == expected
+    assert mapped.required_but_nonexistent_partition_keys == []
+
+
+@pytest.mark.parametrize("grain", [HOUSEHOLD_5M, DEVICE_1H])
+def test_a_window_older_than_the_minute_partitions_maps_to_none(grain):
+    graph = build_definitions(Settings.from_env({})).resolve_asset_graph()
+    first = PARTITIONS[grain].get_first_partition_key()
+    minute_partitions = graph.get(MINUTE_ROLLUP).partitions_def
+    assert minute_partitions is not None
+    assert parse_partition_key(first) < parse_partition_key(
+        minute_partitions.get_first_partition_key()
+    )
+
+    mapped = graph.get_parent_partition_keys_for_child(first, MINUTE_ROLLUP, dg.AssetKey(grain))
+
+    # Nothing is required of minutes retention removed: such a window is not refused for them.
+    assert list(mapped.partitions_subset.get_partition_keys()) == []
+    assert mapped.required_but_nonexistent_partition_keys == []
 
 
 @pytest.mark.parametrize("grain", [HOUSEHOLD_5M, DEVICE_1H])
