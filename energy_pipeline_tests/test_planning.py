@@ -1,4 +1,5 @@
-"""The minute sensor's planner without servers: new minutes, repair horizon, caps and orphans."""
+"""The minute sensors' planners without servers: new minutes, repair horizon, caps and orphans;
+the late-data sensor's window and its split into minutes to recompute and points to record."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from energy_pipeline.planning import (
     STARTING,
     WAITING,
     Cursor,
+    LateCheck,
     PlanSettings,
     RunInFlight,
     describe_ranges,
     is_orphan,
     ledger_gaps,
     newest_first_runs,
+    plan_late_check,
     plan_minutes,
     range_minutes,
     repair_window,
+    split_late,
     subtract,
 )
 from energy_pipeline.scheduling import MINUTE, minutes_between
@@ -207,3 +211,109 @@ def test_describe_ranges():
     text = describe_ranges([(a, a + 59 * MINUTE), (a - 60 * MINUTE, a - 60 * MINUTE)])
     assert text == "2026-11-24 10:00..10:59 (60 min), 2026-11-24 09:00 (1 min)"
     assert describe_ranges([(a, a)] * 3, limit=1).endswith("and 2 more")
+
+
+# --- late-data sensor --------------------------------------------------------------------------
+
+LATENESS_S, AUDIT_EXTRA_S, RECENT_S, FULL_SCAN_S = 7200, 3600, 900, 2700
+
+
+def _late_check(
+    full_scan_at: float = 0.0,
+    now: datetime = NOW,
+    earliest: datetime = EARLIEST,
+    settle_seconds: int = 0,
+    lateness_seconds: int = LATENESS_S,
+    recent_seconds: int = RECENT_S,
+) -> LateCheck | None:
+    return plan_late_check(
+        full_scan_at,
+        now,
+        earliest,
+        settle_seconds,
+        lateness_seconds,
+        AUDIT_EXTRA_S,
+        recent_seconds,
+        FULL_SCAN_S,
+    )
+
+
+def at(hour: int, minute: int) -> datetime:
+    return NOW.replace(hour=hour, minute=minute, second=0)
+
+
+def test_first_late_check_scans_the_lateness_window_and_audit_margin():
+    # 13:37:15 - 3 h = 10:37:15, floored; up to the newest closed minute (13:36) inclusive.
+    assert _late_check() == LateCheck(at(10, 37), at(13, 37), True, NOW.timestamp())
+
+
+@pytest.mark.parametrize(
+    ("since_full_scan_s", "full_scan", "start"),
+    [
+        (60, False, at(13, 22)),  # recent minutes only: 15 minutes back
+        (FULL_SCAN_S - 1, False, at(13, 22)),
+        (FULL_SCAN_S, True, at(10, 37)),  # due exactly when the interval has passed
+        (FULL_SCAN_S + 600, True, at(10, 37)),
+    ],
+)
+def test_late_check_scans_everything_only_every_full_scan_interval(
+    since_full_scan_s, full_scan, start
+):
+    last_full_scan = NOW.timestamp() - since_full_scan_s
+    check = _late_check(full_scan_at=last_full_scan)
+    # The cursor moves only when this tick is the full scan.
+    expected_at = NOW.timestamp() if full_scan else last_full_scan
+    assert check == LateCheck(start, at(13, 37), full_scan, expected_at)
+
+
+def test_recent_late_check_never_reaches_past_the_lateness_window():
+    check = _late_check(full_scan_at=NOW.timestamp(), lateness_seconds=600)
+    assert check == LateCheck(at(13, 27), at(13, 37), False, NOW.timestamp())
+
+
+def test_late_check_starts_at_the_first_minute_partition():
+    check = _late_check(earliest=at(12, 0))
+    assert check == LateCheck(at(12, 0), at(13, 37), True, NOW.timestamp())
+
+
+def test_late_check_ends_after_the_newest_settled_minute():
+    # At 13:37:02 with 3 s to settle, 13:36 has not settled yet: 13:35 is the newest due minute.
+    now = NOW.replace(second=2)
+    check = _late_check(full_scan_at=now.timestamp(), now=now, settle_seconds=3)
+    assert check == LateCheck(at(13, 22), at(13, 36), False, now.timestamp())
+
+
+@pytest.mark.parametrize(
+    ("now", "earliest"),
+    [
+        (NOW, at(13, 37)),  # the partitions start at the minute still open
+        (NOW.replace(second=2), at(13, 36)),  # 13:36 is closed but not settled for 3 s
+    ],
+)
+def test_late_check_is_none_before_any_minute_is_due(now, earliest):
+    assert _late_check(now=now, earliest=earliest, settle_seconds=3) is None
+
+
+def test_split_late_recomputes_inside_the_lateness_window_and_records_older_counts():
+    # Cutoff 13:37:15 - 2 h = 11:37:15: a minute starting before it is past the window.
+    late = [
+        (at(13, 30), 4, 0),
+        (at(11, 38), 1, 0),  # the oldest minute still inside
+        (at(11, 37), 2, 0),  # starts 15 s before the cutoff
+        (at(11, 0), 5, 5),  # past the window, this count already recorded
+        (at(10, 59), 7, 3),  # past the window, more points since the count was recorded
+        (at(13, 31), 2, 0),  # a live run recomputes it already
+    ]
+    due, ignored = split_late(late, NOW, LATENESS_S, iter([at(13, 31), at(12, 0)]))
+    assert due == [at(13, 30), at(11, 38)]
+    assert ignored == [(at(11, 37), 2), (at(10, 59), 7)]
+
+
+def test_split_late_keeps_a_minute_starting_at_the_cutoff():
+    now = at(13, 37)
+    due, ignored = split_late([(at(11, 37), 1, 0), (at(11, 36), 1, 0)], now, LATENESS_S, [])
+    assert (due, ignored) == ([at(11, 37)], [(at(11, 36), 1)])
+
+
+def test_split_late_of_no_changed_minute_plans_nothing():
+    assert split_late([], NOW, LATENESS_S, [at(13, 30)]) == ([], [])
