@@ -13,6 +13,7 @@ from energy_pipeline import storage
 from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.simulator import FAULTS, build_fleet, generate_points, inject_faults
 from energy_pipeline.influx import InfluxClient
+from energy_pipeline.scheduling import MINUTE, partition_key
 from energy_pipeline_tests.helpers import (
     base_minute,
     close,
@@ -169,6 +170,52 @@ def test_injection_through_tag_values_does_no_harm(settings, influx_db):
     )
     assert frame.height == len({p["time"] for p in written if p["device_id"] == hostile})
     assert frame.height > 0
+
+
+def test_devices_tagged_with_another_household_are_counted_on_their_minute(settings, influx_db):
+    fleet = build_fleet(8, seed=7, devices_per_household=4)
+    registered = dict(zip(fleet["device_id"], fleet["household_id"], strict=True))
+    with psycopg.connect(settings.pg_dsn) as conn:
+        storage.upsert_devices(conn, fleet)
+    first = base_minute(20)
+    first_ns = int(first.timestamp()) * NS
+    # (minute, device) → the household tag its points carry instead of the registered one: the
+    # other registered household, or one the registry does not know.
+    retagged = {
+        (0, "dev-000000"): "hh-00001",
+        (0, "dev-000005"): "hh-elsewhere",
+        (1, "dev-000000"): "hh-00001",
+    }
+    minute_of = (pl.col("time") - first_ns) // (60 * NS)
+    household = pl.col("household_id")
+    for (minute, device), tag in retagged.items():
+        household = (
+            pl.when((minute_of == minute) & (pl.col("device_id") == device))
+            .then(pl.lit(tag))
+            .otherwise(household)
+        )
+    points = generate_points(fleet, first_ns, 3 * 60, seed=7)
+    _write(influx_db, points.with_columns(household.alias("household_id")))
+
+    result = materialize_minutes(settings, first, first + 2 * MINUTE)
+
+    events = [e.materialization for e in result.get_asset_materialization_events()]
+    assert {e.partition: e.metadata["household_mismatches"].value for e in events} == {
+        partition_key(first): 2,
+        partition_key(first + MINUTE): 1,
+        partition_key(first + 2 * MINUTE): 0,
+    }
+    # The minute row keeps the tag; the BI view gives the registered household next to it.
+    with psycopg.connect(settings.pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT r.device_id, r.bucket, r.household_id, v.household_id, v.tag_household_id "
+            "FROM energy.device_rollup_1m r "
+            "JOIN energy.bi_device_minute v USING (device_id, bucket)"
+        ).fetchall()
+    assert len(rows) == 3 * len(registered)
+    for device, bucket, minute_household, view_household, view_tag in rows:
+        tag = retagged.get(((bucket - first) // MINUTE, device), registered[device])
+        assert (minute_household, view_household, view_tag) == (tag, registered[device], tag)
 
 
 def test_minute_without_points_writes_empty_ledger_row(settings, influx_db):
