@@ -3,14 +3,19 @@ the views carry the registry's metadata, and `fresh_as_of` names the newest comp
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
 from psycopg import errors, sql
 
+from energy_pipeline.config import PROJECT_ROOT
 from energy_pipeline.devtools.services import LocalPostgres
 from energy_pipeline_tests.helpers import BI_LOGIN_SQL, as_user
 
@@ -445,3 +450,175 @@ def test_dashboard_queries_are_answered_from_the_indexes_alone(pg_dsn):
                 assert node["Node Type"] == "Index Only Scan", (name, node["Node Type"])
                 assert node["Heap Fetches"] == 0, (name, node["Relation Name"])
             assert sum(node["Actual Rows"] for node in nodes) > 0, name
+
+
+README_BI_SECTION = "## Reading the rollups from BI tools"
+# The household README's example queries name; a Grafana panel puts '$household' there instead.
+README_HOUSEHOLD = "hh-0007"
+HOUSEHOLD_TZ = "Pacific/Honolulu"  # UTC-10, no daylight saving time
+# A BI tool's session may run in any timezone. This one is UTC+14, a whole day ahead of the
+# household's: the session's date is never the household's.
+SESSION_TZ = "Pacific/Kiritimati"
+
+
+def readme_example_queries() -> list[str]:
+    """The SELECT statements of the fenced `sql` blocks in README's BI section, in order (the
+    section's other statement, a REVOKE, is a hardening step, not an example)."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert f"\n{README_BI_SECTION}\n" in readme, f"README has no section {README_BI_SECTION!r}"
+    section = readme.split(f"\n{README_BI_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    queries = []
+    for block in re.findall(r"^```sql\n(.*?)^```", section, re.S | re.M):
+        for statement in block.split(";"):
+            code = [line for line in statement.splitlines() if not line.lstrip().startswith("--")]
+            if "\n".join(code).strip().upper().startswith("SELECT"):
+                queries.append(statement.strip())
+    return queries
+
+
+def seed_readme_rows(dsn: str, now: datetime) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """Rollup rows around `now` for README's household and one other: 5-minute rows over the last
+    three days (with complete, incomplete and unrecorded windows) and hourly rows from nine days
+    back to the next hour. Returns the household rows, the window rows and the hourly rows as
+    inserted."""
+    devices = [
+        # The household's timezone is its devices' majority one; p5, its biggest consumer, has
+        # another, which must not move the household's week.
+        *[(f"p{k}", README_HOUSEHOLD, f"Device {k}", f"Room {k}", HOUSEHOLD_TZ) for k in range(5)],
+        ("p5", README_HOUSEHOLD, "Device 5", "Room 5", "Asia/Tokyo"),
+        ("q0", "hh-0008", "Other", "Hall", "Europe/Berlin"),
+    ]
+    first_5m = datetime.fromtimestamp((now - timedelta(days=3)).timestamp() // 300 * 300, UTC)
+    buckets_5m = [first_5m + timedelta(minutes=5 * i) for i in range(3 * 288 + 1)]
+    household_rows = [
+        (household, bucket, energy + i % 50 + 0.5, 100.0 + i % 13, 200.0 + i % 17)
+        for i, bucket in enumerate(buckets_5m)
+        for household, energy in ((README_HOUSEHOLD, 0), ("hh-0008", 1000))
+    ]
+    # Every third window has no ledger row; of the others, half were computed without a minute.
+    window_rows = [
+        ("household_rollup_5m", bucket, 5 if i % 3 == 1 else 4, 5)
+        for i, bucket in enumerate(buckets_5m)
+        if i % 3
+    ]
+    first_1h = (now - timedelta(days=9)).replace(minute=0, second=0, microsecond=0)
+    # Through the next hour too: a week or day starting between seeding and querying has rows.
+    buckets_1h = [first_1h + timedelta(hours=i) for i in range(9 * 24 + 2)]
+    # Device p<k> uses more than p<k-1> in every hour, so the ranking never ties.
+    hour_rows = [
+        (device, bucket, household, 100.0 * (k + 1) + i % 5, 1000.0 * (k + 1) + i % 7)
+        for i, bucket in enumerate(buckets_1h)
+        for k, (device, household, *_) in enumerate(devices)
+    ]
+    today = now.astimezone(UTC).date()
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        for table in ("household_rollup_5m", "device_rollup_1h"):
+            cur.execute(
+                "SELECT energy.ensure_day_partitions(%s::regclass, %s, %s)",
+                (f"energy.{table}", today - timedelta(days=10), today + timedelta(days=1)),
+            )
+        cur.executemany(
+            "INSERT INTO energy.devices (device_id, household_id, name, location, timezone) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            devices,
+        )
+        cur.executemany(
+            "INSERT INTO energy.household_rollup_5m (household_id, bucket, device_count, "
+            "sample_count, energy_wh_sum, power_w_avg, power_w_peak, computed_at) "
+            "VALUES (%s, %s, 5, 300, %s, %s, %s, now())",
+            household_rows,
+        )
+        cur.executemany(
+            "INSERT INTO energy.rollup_windows (grain, bucket, minutes_covered, minutes_expected, "
+            "computed_at) VALUES (%s, %s, %s, %s, now())",
+            window_rows,
+        )
+        cur.executemany(
+            "INSERT INTO energy.device_rollup_1h (device_id, bucket, household_id, sample_count, "
+            "power_w_avg, power_w_min, power_w_max, energy_wh_sum, rejected_count, computed_at) "
+            "VALUES (%s, %s, %s, 3600, 0, 0, %s, %s, 0, now())",
+            [(d, b, h, peak, energy) for d, b, h, energy, peak in hour_rows],
+        )
+    return household_rows, window_rows, hour_rows
+
+
+def kwh(wh: float, places: str) -> Decimal:
+    """`round(wh::numeric / 1000, n)` as PostgreSQL computes it (half away from zero)."""
+    return (Decimal(wh) / 1000).quantize(Decimal(places), rounding=ROUND_HALF_UP)
+
+
+def local_midnight(day: date, tz: ZoneInfo) -> datetime:
+    return datetime.combine(day, time(), tz)
+
+
+def test_readme_bi_queries_give_the_household_day_top_devices_and_fleet_hours(pg_dsn, logins):
+    """README's three example queries, run as written by a `bi_reader` login whose session is in
+    another timezone than the household, answer what is computed here from the seeded rows.
+
+    The queries name household `hh-0007` literally, which is seeded under that id; their time
+    bounds come from `now()`, which is the same for every statement of one transaction, so the
+    expected answers are computed from the `now()` read in the transaction that runs them.
+    """
+    queries = readme_example_queries()
+    assert len(queries) == 3, (
+        f"README's section {README_BI_SECTION!r} should hold exactly three example queries "
+        f"in fenced sql blocks; found {len(queries)}: {queries}"
+    )
+    day_query, top_query, fleet_query = queries
+    for query in (day_query, top_query):
+        assert f"'{README_HOUSEHOLD}'" in query, f"no household {README_HOUSEHOLD!r} in {query}"
+    household_rows, window_rows, hour_rows = seed_readme_rows(pg_dsn, datetime.now(UTC))
+
+    user = logins("bi", BI_LOGIN_SQL)
+    with psycopg.connect(as_user(pg_dsn, user)) as conn:
+        conn.execute(sql.SQL("SET TIME ZONE {}").format(sql.Literal(SESSION_TZ)))
+        now = conn.execute("SELECT now()").fetchone()[0]
+        day = conn.execute(day_query).fetchall()
+        top = conn.execute(top_query).fetchall()
+        fleet = conn.execute(fleet_query).fetchall()
+
+    tz = ZoneInfo(HOUSEHOLD_TZ)
+    local_today = now.astimezone(tz).date()
+    assert now.astimezone(ZoneInfo(SESSION_TZ)).date() != local_today
+
+    # Yesterday in the household's timezone, 5-minute rows, `complete` NULL without a window row.
+    start = local_midnight(local_today - timedelta(days=1), tz)
+    end = local_midnight(local_today, tz)
+    windows = {bucket: covered == expected for _, bucket, covered, expected in window_rows}
+    expected_day = [
+        (bucket.astimezone(tz).replace(tzinfo=None), energy, avg, peak, windows.get(bucket))
+        for household, bucket, energy, avg, peak in household_rows
+        if household == README_HOUSEHOLD and start <= bucket < end
+    ]
+    assert len(expected_day) == 288  # the seeded rows cover the whole day
+    assert day == expected_day
+
+    # Devices of the household since Monday 00:00 in its timezone: the five biggest, in kWh.
+    week_start = local_midnight(local_today - timedelta(days=local_today.weekday()), tz)
+    energy_wh: dict[str, float] = defaultdict(float)
+    peak_w: dict[str, float] = defaultdict(float)
+    for device, bucket, household, energy, peak in hour_rows:
+        if household == README_HOUSEHOLD and bucket >= week_start:
+            energy_wh[device] += energy
+            peak_w[device] = max(peak_w[device], peak)
+    expected_top = sorted(
+        (
+            (device, f"Device {device[1]}", f"Room {device[1]}", kwh(wh, "0.01"), peak_w[device])
+            for device, wh in energy_wh.items()
+        ),
+        key=lambda row: (-row[3], row[0]),
+    )[:5]
+    assert [row[0] for row in expected_top] == ["p5", "p4", "p3", "p2", "p1"]
+    assert top == expected_top
+
+    # Every device's hourly rows of the last 24 hours, per hour.
+    per_hour: dict[datetime, list[float]] = defaultdict(list)
+    for _device, bucket, _household, energy, _peak in hour_rows:
+        if bucket >= now - timedelta(hours=24):
+            per_hour[bucket].append(energy)
+    expected_fleet = [
+        (bucket, kwh(sum(energies), "0.1"), len(energies))
+        for bucket, energies in sorted(per_hour.items())
+    ]
+    assert len(expected_fleet) >= 23
+    assert fleet == expected_fleet
