@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+import dagster as dg
 import pytest
 
 from energy_pipeline.config import PROJECT_ROOT
@@ -22,6 +23,18 @@ def test_dagster_home_holds_the_shipped_instance_config(tmp_path):
     assert "poll_interval_seconds: 2\n" in (changed / "dagster.yaml").read_text()
     with pytest.raises(ValueError, match="no 'not in the file'"):
         dagster_stack.dagster_home(tmp_path / "bad", {"not in the file": "x"})
+
+
+def test_shipped_instance_turns_off_the_first_visit_pop_up(tmp_path, dagster_db, monkeypatch):
+    home = dagster_stack.dagster_home(tmp_path / "home")
+    for key, value in dagster_stack.dagster_env(home, dagster_db).items():
+        if key.startswith("DAGSTER_"):
+            monkeypatch.setenv(key, value)
+    with dg.DagsterInstance.get() as instance:
+        assert not instance.is_ephemeral  # an ephemeral instance never shows it anyway
+        assert instance.get_settings("nux") == {"enabled": False}
+        # What the webserver asks before showing the pop-up (GraphQL `shouldShowNux`).
+        assert instance.nux_enabled is False
 
 
 def test_env_pins_the_storage_url_to_psycopg2(tmp_path):
