@@ -23,17 +23,13 @@ from energy_pipeline.defs.hierarchy.checks import (
     MINUTES_COVERED,
     SUMS_MATCH_MINUTES,
 )
-from energy_pipeline.defs.hierarchy.partitions import (
-    FIVE_MINUTE_PARTITIONS,
-    HOURLY_PARTITIONS,
-    PARTITION_FMT,
-)
+from energy_pipeline.defs.hierarchy.partitions import FIVE_MINUTE_PARTITIONS, HOURLY_PARTITIONS
 from energy_pipeline.defs.hierarchy.sensors import GRAIN_TAG, build_hierarchy_sensor
 from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M
 from energy_pipeline.resources import PostgresResource
-from energy_pipeline.scheduling import parse_partition_key
+from energy_pipeline.scheduling import PARTITION_FMT, parse_partition_key
 from energy_pipeline_tests.helpers import close, materialize_minutes
 from energy_pipeline_tests.test_hierarchy import (
     closed_hour,

@@ -4,9 +4,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from energy_pipeline.scheduling import partitions_start
+from energy_pipeline.scheduling import PARTITION_FMT, partitions_start
 
-PARTITION_FMT = "%Y-%m-%d-%H:%M"
 # Precedes the oldest minute the pipeline could hold when the hierarchy shipped
 # (ENERGY_RAW_RETENTION_DAYS is at most 65).
 HIERARCHY_FIRST_DAY = datetime(2026, 9, 1, tzinfo=UTC)

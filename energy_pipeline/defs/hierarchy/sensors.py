@@ -9,7 +9,6 @@ from energy_pipeline.defs.hierarchy.partitions import (
     FIVE_MINUTE_PARTITIONS,
     HIERARCHY_START,
     HOURLY_PARTITIONS,
-    PARTITION_FMT,
 )
 from energy_pipeline.defs.runs import FAILED, IN_FLIGHT, ORIGIN_TAG, run_time, utcnow
 from energy_pipeline.hierarchy import (
@@ -23,6 +22,7 @@ from energy_pipeline.hierarchy import (
     plan_windows,
 )
 from energy_pipeline.resources import PostgresResource
+from energy_pipeline.scheduling import PARTITION_FMT
 
 GRAIN_TAG = "energy/grain"
 ORIGIN = "hierarchy"
