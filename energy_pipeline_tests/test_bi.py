@@ -452,6 +452,93 @@ def test_dashboard_queries_are_answered_from_the_indexes_alone(pg_dsn):
             assert sum(node["Actual Rows"] for node in nodes) > 0, name
 
 
+def nodes(plan: dict) -> list[dict]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, subplans included."""
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found += nodes(child)
+    return found
+
+
+# A household's day at 5-minute grain with its completeness, and a device's day by the hour.
+COARSE_VIEW_READS = {
+    "bi_household_5m": "SELECT bucket, energy_wh_sum, minutes_covered, minutes_expected "
+    "FROM energy.bi_household_5m WHERE household_id = 'h1' AND bucket >= %(s)s AND bucket < %(e)s",
+    "bi_device_hour": "SELECT bucket, energy_wh_sum, minutes_covered, minutes_expected "
+    "FROM energy.bi_device_hour WHERE device_id = 'd1' AND bucket >= %(s)s AND bucket < %(e)s",
+}
+
+
+def _coarse_view_plans(conn: psycopg.Connection) -> dict[str, tuple[list[dict], list[tuple]]]:
+    params = {"s": DAY, "e": DAY + timedelta(days=1)}
+    found = {}
+    for view, query in COARSE_VIEW_READS.items():
+        row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", params).fetchone()
+        assert row is not None
+        found[view] = (nodes(row[0][0]["Plan"]), conn.execute(query, params).fetchall())
+    return found
+
+
+def test_coarse_views_look_up_each_window_and_stay_serial_with_a_long_ledger(pg_dsn):
+    """The completeness columns cost one ledger probe per row read (migration 0012), however
+    many windows the ledger holds, and do not tip a small read into a parallel plan."""
+    from energy_pipeline.migrations import downgrade, upgrade
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO energy.household_rollup_5m SELECT 'h' || h, b, 3, 900, 5, 300, 400, "
+            "now() FROM generate_series(%s::timestamptz, %s, '5 minutes') b, "
+            "generate_series(0, 299) h",
+            (DAY, DAY + timedelta(hours=23, minutes=55)),
+        )
+        conn.execute(
+            "INSERT INTO energy.device_rollup_1h SELECT 'd' || d, b, 'h1', 3600, 2, 1, 3, 2, 0, "
+            "now() FROM generate_series(%s::timestamptz, %s, '1 hour') b, generate_series(0, 2) d",
+            (DAY, DAY + timedelta(hours=23)),
+        )
+        # A year of windows in the ledger; the day read covered all of its minutes but one.
+        for grain, expected in (("household_rollup_5m", 5), ("device_rollup_1h", 60)):
+            step = timedelta(minutes=expected)
+            last = DAY + timedelta(days=1) - step
+            conn.execute(
+                "INSERT INTO energy.rollup_windows (grain, bucket, minutes_covered, "
+                "minutes_expected, computed_at) SELECT %s, b, "
+                "CASE WHEN b = %s THEN %s - 1 ELSE %s END, %s, now() "
+                "FROM generate_series(%s::timestamptz - interval '365 days', %s, %s) b",
+                (grain, DAY, expected, expected, expected, DAY, last, step),
+            )
+        conn.execute(
+            "ANALYZE energy.rollup_windows, energy.household_rollup_5m, energy.device_rollup_1h"
+        )
+        # What a production-sized partition index would let the planner do with these reads.
+        conn.execute("SET min_parallel_index_scan_size = 0")
+        conn.execute("SET min_parallel_table_scan_size = 0")
+        now = _coarse_view_plans(conn)
+        downgrade(pg_dsn, "0011")
+        try:
+            joined = _coarse_view_plans(conn)
+        finally:
+            upgrade(pg_dsn)
+
+    for view, (plan, rows) in now.items():
+        expected_rows = 288 if view == "bi_household_5m" else 24
+        expected_minutes = 5 if view == "bi_household_5m" else 60
+        assert len(rows) == expected_rows, view
+        assert rows[0][2:] == (expected_minutes - 1, expected_minutes), view
+        assert {r[2:] for r in rows[1:]} == {(expected_minutes, expected_minutes)}, view
+        types = {n["Node Type"] for n in plan}
+        assert "Gather" not in types and "Gather Merge" not in types, (view, types)
+        ledger = [n for n in plan if n.get("Relation Name") == "rollup_windows"]
+        # Two probes (covered, expected) per row read, each one index lookup.
+        assert {n["Node Type"] for n in ledger} == {"Index Scan"}, view
+        assert sum(n["Actual Loops"] for n in ledger) == 2 * expected_rows, view
+        # The same answers as with the join the views had before.
+        assert joined[view][1] == rows, view
+    # With the join, the household day went parallel or hashed the ledger's whole year.
+    old = {n["Node Type"] for n in joined["bi_household_5m"][0]}
+    assert old & {"Gather", "Gather Merge", "Hash"}, old
+
+
 README_BI_SECTION = "## Reading the rollups from BI tools"
 # The household README's example queries name; a Grafana panel puts '$household' there instead.
 README_HOUSEHOLD = "hh-0007"
