@@ -9,7 +9,7 @@ consistency checks of a window against its minute rows. No Dagster here.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -137,12 +137,15 @@ ENERGY_REL_TOLERANCE = 1e-9
 
 @dataclass(frozen=True)
 class WindowWrite:
-    """What one window write did."""
+    """What one window write did, in all and per window."""
 
     rows_written: int
     windows: int
     minutes_covered: int
     minutes_expected: int
+    # Each window's own figures, by bucket: (rows written, minutes covered) of `minutes_expected
+    # / windows` each.
+    per_window: dict[datetime, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -235,19 +238,29 @@ def replace_windows(
             cur.execute(insert, params)
             rows = cur.rowcount
             cur.execute(
+                f"SELECT bucket, count(*) FROM energy.{grain} "
+                "WHERE bucket >= %(start)s AND bucket < %(end)s GROUP BY bucket",
+                params,
+            )
+            rows_by_window: dict[datetime, int] = dict(cur.fetchall())
+            cur.execute(
                 "DELETE FROM energy.rollup_windows "
                 "WHERE grain = %(grain)s AND bucket >= %(start)s AND bucket < %(end)s",
                 params,
             )
-            cur.execute(_INSERT_WINDOWS + " RETURNING minutes_covered", params)
-            covered = [r[0] for r in cur.fetchall()]
+            cur.execute(_INSERT_WINDOWS + " RETURNING bucket, minutes_covered", params)
+            covered: dict[datetime, int] = dict(cur.fetchall())
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
     return WindowWrite(
         rows_written=rows,
         windows=len(covered),
-        minutes_covered=sum(covered),
+        minutes_covered=sum(covered.values()),
         minutes_expected=params["expected"] * len(covered),
+        per_window={
+            bucket: (int(rows_by_window.get(bucket, 0)), int(n))
+            for bucket, n in sorted(covered.items())
+        },
     )
 
 

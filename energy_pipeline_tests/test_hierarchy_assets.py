@@ -181,10 +181,37 @@ def test_ranged_run_covers_every_window_in_one_run(pg_dsn, minutes_hour):
         "dagster/asset_partition_range_start": key(minutes_hour),
         "dagster/asset_partition_range_end": key(last),
     }
+    # The second window lacks two of its minutes in the ledger.
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute(
+            "DELETE FROM energy.rollup_minutes WHERE bucket IN (%s, %s)",
+            (minutes_hour + timedelta(minutes=7), minutes_hour + timedelta(minutes=8)),
+        )
     result = run(pg_dsn, HOUSEHOLD_5M, tags=tags)
 
     assert result.success
-    assert len(result.get_asset_materialization_events()) == 12
+    events = result.get_asset_materialization_events()
+    assert len(events) == 12
+    # Each window's materialization carries that window's own figures, not the run's totals.
+    with psycopg.connect(pg_dsn) as conn:
+        rows = dict(
+            conn.execute(
+                "SELECT bucket, count(*) FROM energy.household_rollup_5m GROUP BY bucket"
+            ).fetchall()
+        )
+    figures = {
+        e.partition: {k: e.materialization.metadata[k].value for k in ("rows_written",
+                      "minutes_covered", "minutes_expected")}
+        for e in events
+    }  # fmt: skip
+    assert figures == {
+        key(w): {
+            "rows_written": rows[w],
+            "minutes_covered": 3 if w == minutes_hour + FIVE else 5,
+            "minutes_expected": 5,
+        }
+        for w in (minutes_hour + i * FIVE for i in range(12))
+    }
     # One check result per window, each with its own partition, even in a ranged run.
     sums = [e for e in result.get_asset_check_evaluations() if e.check_name == SUMS_MATCH_MINUTES]
     assert sorted(e.partition for e in sums) == [key(minutes_hour + i * FIVE) for i in range(12)]

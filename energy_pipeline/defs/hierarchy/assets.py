@@ -11,6 +11,7 @@ from energy_pipeline.defs.hierarchy.partitions import (
 )
 from energy_pipeline.hierarchy import DEVICE_1H, HOUSEHOLD_5M, replace_windows
 from energy_pipeline.resources import PostgresResource
+from energy_pipeline.scheduling import PARTITION_FMT
 
 HIERARCHY_GROUP = "hierarchy"
 MINUTE_ROLLUP = dg.AssetKey("device_rollup_1m")
@@ -25,22 +26,22 @@ def _materialize(
     with postgres.connect() as conn:
         written = replace_windows(conn, grain, start, end, began)
     seconds = (datetime.now(UTC) - began).total_seconds()
+    # A ranged run's result lands on every window it covers: each window gets its own figures
+    # instead, so per-partition plots show windows, not run totals.
+    expected = written.minutes_expected // max(written.windows, 1)
+    for bucket, (rows, covered) in written.per_window.items():
+        context.add_asset_metadata(
+            {"rows_written": rows, "minutes_covered": covered, "minutes_expected": expected},
+            partition_key=bucket.astimezone(UTC).strftime(PARTITION_FMT),
+        )
     metadata = {
-        "window_start": start.isoformat(),
-        "window_end": end.isoformat(),
-        "seconds": round(seconds, 3),
-        "lag_seconds": round((datetime.now(UTC) - end).total_seconds(), 1),
+        "run_window_start": start.isoformat(),
+        "run_window_end": end.isoformat(),
+        "run_windows": written.windows,
+        "run_rows_written": written.rows_written,
+        "run_seconds": round(seconds, 3),
+        "run_lag_seconds": round((datetime.now(UTC) - end).total_seconds(), 1),
     }
-    if written.windows == 1:
-        # Figures only where they are this partition's own: a ranged run's metadata is recorded
-        # on every partition it covers.
-        metadata |= {
-            "rows_written": written.rows_written,
-            "minutes_covered": written.minutes_covered,
-            "minutes_expected": written.minutes_expected,
-        }
-    else:
-        metadata |= {"windows_in_run": written.windows, "rows_written_in_run": written.rows_written}
     if written.minutes_covered < written.minutes_expected:
         context.log.warning(
             f"{grain} {start:%Y-%m-%d %H:%M}..{end:%H:%M}: {written.minutes_covered} of "
