@@ -431,6 +431,41 @@ def materialize_day(dsn: str, out_dir: Path, day: date) -> dg.ExecuteInProcessRe
     )
 
 
+def test_a_ranged_run_records_each_days_own_figures(loaded_dsn: str, tmp_path: Path):
+    result = dg.materialize(
+        [household_daily_report],
+        resources={
+            "postgres": PostgresResource(dsn=loaded_dsn),
+            "report_output": ReportOutputResource(reports_dir=str(tmp_path)),
+        },
+        tags={
+            "dagster/asset_partition_range_start": NORMAL_DAY.isoformat(),
+            "dagster/asset_partition_range_end": DST_DAY.isoformat(),
+        },
+    )
+    assert result.success
+    got = {
+        e.partition: (
+            e.materialization.metadata["total_kwh"].value,
+            e.materialization.metadata["fleet_overview"].value,
+        )
+        for e in result.get_asset_materialization_events()
+    }
+    with storage.connect(loaded_dsn) as conn:
+        kwh = dict(
+            conn.execute(
+                "SELECT day, round(sum(energy_kwh)::numeric, 3)::float8 "
+                "FROM energy.household_daily_report GROUP BY day"
+            ).fetchall()
+        )
+    days = [NORMAL_DAY + timedelta(days=i) for i in range(3)]
+    assert got == {
+        d.isoformat(): (pytest.approx(kwh[d], abs=0.002), str(tmp_path / "fleet" / f"{d}.html"))
+        for d in days
+    }
+    assert len({kwh[d] for d in days}) == 3  # the days differ: no run total repeated
+
+
 def run_check_only(dsn: str, day: date) -> dg.AssetCheckEvaluation:
     job = dg.define_asset_job(
         "report_check_only",

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from energy_pipeline.defs.reports.partitions import DAILY_REPORT_PARTITIONS, UPSTREAM_WINDOWS
+from energy_pipeline.defs.reports.partitions import (
+    DAILY_REPORT_PARTITIONS,
+    PARTITION_FMT,
+    UPSTREAM_WINDOWS,
+)
 from energy_pipeline.reports.compute import ReportWrite, replace_day, zone_notes
 from energy_pipeline.reports.files import write_atomically
 from energy_pipeline.reports.pages import fleet_page
@@ -72,29 +76,32 @@ def household_daily_report(
     report_output.fleet_path(date.today()).parent.mkdir(parents=True, exist_ok=True)
     with postgres.connect() as conn:
         for day in days_of(context):
-            writes.append(replace_day(conn, day, datetime.now(UTC)))
+            w = replace_day(conn, day, datetime.now(UTC))
+            writes.append(w)
             page = fleet_page(conn, day)
-            write_atomically(report_output.fleet_path(day), fleet_html(page))
+            path = report_output.fleet_path(day)
+            write_atomically(path, fleet_html(page))
+            # A ranged run's result lands on every day it covers: each day gets its own figures.
+            context.add_asset_metadata(
+                {
+                    "households": w.households,
+                    "households_with_data": w.households_with_data,
+                    "total_kwh": round(w.total_kwh, 3),
+                    "source_computed_at": (
+                        w.source_computed_at.isoformat() if w.source_computed_at else ""
+                    ),
+                    "fleet_overview": dg.MetadataValue.path(str(path)),
+                    "fleet_overview_url": dg.MetadataValue.url(path.resolve().as_uri()),
+                    "summary": dg.MetadataValue.md(fleet_markdown(page)),
+                },
+                partition_key=day.strftime(PARTITION_FMT),
+            )
         notes = zone_notes(conn)
-    metadata: dict = {
-        "seconds": round((datetime.now(UTC) - began).total_seconds(), 3),
-        **_zone_metadata(notes),
-    }
-    if len(writes) == 1:
-        (w,) = writes
-        path = report_output.fleet_path(w.day)
-        metadata |= {
-            "households": w.households,
-            "households_with_data": w.households_with_data,
-            "total_kwh": round(w.total_kwh, 3),
-            "source_computed_at": w.source_computed_at.isoformat() if w.source_computed_at else "",
-            "fleet_overview": dg.MetadataValue.path(str(path)),
-            "fleet_overview_url": dg.MetadataValue.url(path.resolve().as_uri()),
-            "summary": dg.MetadataValue.md(fleet_markdown(page)),
+    return dg.MaterializeResult(
+        metadata={
+            "run_days": len(writes),
+            "run_rows_written": sum(w.households for w in writes),
+            "run_seconds": round((datetime.now(UTC) - began).total_seconds(), 3),
+            **_zone_metadata(notes),
         }
-    else:
-        metadata |= {
-            "days_in_run": len(writes),
-            "rows_written_in_run": sum(w.households for w in writes),
-        }
-    return dg.MaterializeResult(metadata=metadata)
+    )
