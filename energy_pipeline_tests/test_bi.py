@@ -143,6 +143,10 @@ def test_bi_reader_reads_every_bi_view_and_table(pg_dsn, logins):
 
 
 def test_bi_reader_cannot_write_or_create_even_with_read_only_switched_off(pg_dsn, logins):
+    from energy_pipeline.migrations import upgrade
+
+    # As `migrate` leaves a database (database privileges are not copied from the template).
+    upgrade(pg_dsn)
     seed(pg_dsn)
     user = logins("bi", BI_LOGIN_SQL)
     forbidden = [
@@ -158,6 +162,7 @@ def test_bi_reader_cannot_write_or_create_even_with_read_only_switched_off(pg_ds
         "CREATE VIEW energy.v AS SELECT 1 AS a",
         "CREATE TABLE public.x (a integer)",
         "CREATE SCHEMA bi_scratch",
+        "CREATE TEMP TABLE scratch (a integer)",
         "ALTER VIEW energy.fresh_as_of RENAME TO f",
         "DROP VIEW energy.bi_device_minute",
         "CREATE FUNCTION energy.f() RETURNS integer LANGUAGE sql AS 'SELECT 1'",

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import polars as pl
 import psycopg
 import pytest
 from psycopg import errors, sql
 
 from energy_pipeline.devtools.services import LocalPostgres, free_port
 from energy_pipeline.migrations import upgrade
-from energy_pipeline.storage import connect, replace_minutes
+from energy_pipeline.storage import connect, replace_minutes, upsert_devices
 from energy_pipeline_tests.helpers import BI_LOGIN_SQL, as_user, member_of
 from energy_pipeline_tests.test_partitions import day_start, minute_frames
 
@@ -51,7 +52,11 @@ def test_roles_exist_and_own_the_schema(pg_dsn):
 
 
 def test_writer_writes_minutes_and_creates_partitions_but_cannot_change_the_schema(pg_dsn, logins):
+    upgrade(pg_dsn)  # as `migrate` leaves a database: TEMPORARY for the pipeline's roles only
     dsn = as_user(pg_dsn, logins("writer", member_of("energy_writer")))
+    # Device imports stage their rows in a temporary table.
+    with connect(dsn) as conn:
+        upsert_devices(conn, pl.DataFrame({"device_id": ["dev-temp"], "household_id": ["hh-temp"]}))
     write(dsn, day_start(0) + timedelta(minutes=3))
     new_day = day_start(20)
     write(dsn, new_day)  # day +20 has no partition yet: created through the definer function

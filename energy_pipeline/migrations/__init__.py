@@ -71,7 +71,7 @@ def upgrade(dsn: str, revision: str = "heads") -> None:
 
     "heads" rather than "head": a revision written on a branch of its own (as 0006-0009 were,
     merged by 0010) is applied as well. At the newest revision, also makes sure the day
-    partitions around today exist.
+    partitions around today exist, and that only the pipeline's roles create temporary tables.
     """
     _run(dsn, "upgrade", revision)
     if revision in ("head", "heads"):
@@ -86,6 +86,27 @@ def upgrade(dsn: str, revision: str = "heads") -> None:
                     today - timedelta(days=PARTITION_DAYS_BEFORE),
                     today + timedelta(days=PARTITION_DAYS_AFTER),
                 )
+            conn.execute(_TEMPORARY_FOR_THE_PIPELINE)
+
+
+# PostgreSQL grants TEMPORARY on every database to PUBLIC, so a BI login that switched its
+# read-only default off could still create (and fill) temporary tables. The pipeline's roles keep
+# it (the writer stages device imports in one). Database privileges are not copied with a
+# template or kept by a dump, so this runs with every upgrade, not in a migration; only the
+# database's owner (or a member of its role, or a superuser) may change them, and for anyone else
+# it is left as it is.
+_TEMPORARY_FOR_THE_PIPELINE = """
+DO $$
+BEGIN
+    IF pg_has_role(current_user, (SELECT datdba FROM pg_database
+                                   WHERE datname = current_database()), 'USAGE')
+       OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO energy_owner, energy_writer',
+                       current_database());
+        EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+    END IF;
+END $$
+"""
 
 
 def downgrade(dsn: str, revision: str) -> None:
