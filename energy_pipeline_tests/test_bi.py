@@ -58,6 +58,9 @@ INTERNAL_TABLES = {
     "alert_baselines",
     "alert_baseline_hours",
 }
+# Views BI has no use for: `fresh_as_of` reads this one with its owner's rights (migration 0013).
+INTERNAL_VIEWS = {"rollup_freshness"}
+INTERNAL = INTERNAL_TABLES | INTERNAL_VIEWS
 WRITE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)  # has partitions
 T0 = DAY + timedelta(hours=10)
@@ -117,14 +120,14 @@ def test_bi_reader_reads_every_bi_view_and_table(pg_dsn, logins):
     views = {name for name, kind in relations.items() if kind == "v"}
     parents = {name for name, kind in relations.items() if kind in ("r", "p")}
     parents = {name for name in parents if not name.rsplit("_p", 1)[-1].isdigit()}
-    assert views == BI_VIEWS
+    assert views == BI_VIEWS | INTERNAL_VIEWS
     assert parents == BI_TABLES | INTERNAL_TABLES
 
     with psycopg.connect(as_user(pg_dsn, user), autocommit=True) as conn:
         assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
         for name in sorted(relations):
             query = sql.SQL("SELECT count(*) FROM energy.{}").format(sql.Identifier(name))
-            if name in INTERNAL_TABLES:
+            if name in INTERNAL:
                 with pytest.raises(errors.InsufficientPrivilege):
                     conn.execute(query)
                 continue
@@ -138,7 +141,7 @@ def test_bi_reader_reads_every_bi_view_and_table(pg_dsn, logins):
             (", ".join(WRITE_PRIVILEGES),),
         ).fetchall()
     for name, may_select, may_write in granted:
-        assert may_select == (name not in INTERNAL_TABLES), name
+        assert may_select == (name not in INTERNAL), name
         assert not may_write, name
 
 
@@ -301,7 +304,13 @@ def minutes(*offsets: int) -> list[datetime]:
 def test_fresh_as_of_names_the_newest_complete_bucket_per_table(pg_dsn, logins):
     user = logins("bi", BI_LOGIN_SQL)
     bi_dsn = as_user(pg_dsn, user)
-    order = ["device_rollup_1m", "quarantine", "household_rollup_5m", "device_rollup_1h"]
+    order = [
+        "device_rollup_1m",
+        "quarantine",
+        "household_rollup_5m",
+        "device_rollup_1h",
+        "household_daily_report",
+    ]
 
     def fresh() -> dict[str, tuple]:
         with psycopg.connect(bi_dsn) as conn:
@@ -381,6 +390,26 @@ def test_fresh_as_of_names_the_newest_complete_bucket_per_table(pg_dsn, logins):
         T0 - timedelta(hours=1),
         T0,
         T0 + timedelta(minutes=20),
+    )
+
+    # Daily reports: the newest day generated, whatever order the days were generated in.
+    report_day = DAY - timedelta(days=1)
+    generated = [
+        (report_day.date(), T0 - timedelta(hours=2)),
+        (report_day.date() - timedelta(days=1), T0),  # an older day, regenerated later
+    ]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO energy.report_days (day, households, generated_at) VALUES (%s, 2, %s)",
+            generated,
+        )
+    assert fresh()["household_daily_report"] == (
+        timedelta(days=1),
+        report_day,
+        DAY,
+        T0 - timedelta(hours=2),
+        True,
+        0,
     )
 
 
