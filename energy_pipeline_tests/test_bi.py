@@ -497,9 +497,11 @@ def nodes(plan: dict) -> list[dict]:
 # A household's day at 5-minute grain with its completeness, and a device's day by the hour.
 COARSE_VIEW_READS = {
     "bi_household_5m": "SELECT bucket, energy_wh_sum, minutes_covered, minutes_expected "
-    "FROM energy.bi_household_5m WHERE household_id = 'h1' AND bucket >= %(s)s AND bucket < %(e)s",
+    "FROM energy.bi_household_5m WHERE household_id = 'h1' AND bucket >= %(s)s AND bucket < %(e)s "
+    "ORDER BY bucket",
     "bi_device_hour": "SELECT bucket, energy_wh_sum, minutes_covered, minutes_expected "
-    "FROM energy.bi_device_hour WHERE device_id = 'd1' AND bucket >= %(s)s AND bucket < %(e)s",
+    "FROM energy.bi_device_hour WHERE device_id = 'd1' AND bucket >= %(s)s AND bucket < %(e)s "
+    "ORDER BY bucket",
 }
 
 
