@@ -268,10 +268,13 @@ def split_late(
     busy: Iterable[datetime],
 ) -> tuple[list[datetime], list[tuple[datetime, int]]]:
     """Minutes whose checksums changed, as (bucket, extra points, points already recorded):
-    those to recompute (inside the lateness window, not in a live run) and those only to record
-    as ignored (past it, with a count not yet recorded)."""
+    those to recompute (inside the lateness window) and those only to record as ignored (past it,
+    with a count not yet recorded). A minute a live run covers is neither: that run reads the
+    late points (a backfill of old minutes covers minutes past the window too)."""
     cutoff = now - timedelta(seconds=lateness_seconds)
     in_flight = set(busy)
     due = [b for b, _, _ in late if b >= cutoff and b not in in_flight]
-    ignored = [(b, n) for b, n, recorded in late if b < cutoff and n != recorded]
+    ignored = [
+        (b, n) for b, n, recorded in late if b < cutoff and n != recorded and b not in in_flight
+    ]
     return due, ignored

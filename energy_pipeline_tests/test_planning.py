@@ -303,8 +303,9 @@ def test_split_late_recomputes_inside_the_lateness_window_and_records_older_coun
         (at(11, 0), 5, 5),  # past the window, this count already recorded
         (at(10, 59), 7, 3),  # past the window, more points since the count was recorded
         (at(13, 31), 2, 0),  # a live run recomputes it already
+        (at(10, 58), 3, 0),  # past the window, but a live run (a backfill) reads it
     ]
-    due, ignored = split_late(late, NOW, LATENESS_S, iter([at(13, 31), at(12, 0)]))
+    due, ignored = split_late(late, NOW, LATENESS_S, iter([at(13, 31), at(12, 0), at(10, 58)]))
     assert due == [at(13, 30), at(11, 38)]
     assert ignored == [(at(11, 37), 2), (at(10, 59), 7)]
 
