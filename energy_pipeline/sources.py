@@ -404,7 +404,7 @@ def late_minutes(
 
     `current` is `checksums()` over a window (or `counts()`, comparing only `COUNTED`); `ledger`
     holds the stored checksums and `late_points_ignored`. Returns bucket, extra_points (count
-    difference, at least 1 when only values changed) and late_points_ignored.
+    difference, at least 1 when only values changed) and late_points_ignored, oldest first.
     """
     joined = ledger.join(current, on="bucket", how="left", suffix="_now").with_columns(
         pl.col(f"{c}_now").fill_null(0) for c in compared
@@ -419,6 +419,7 @@ def late_minutes(
         joined.filter(changed)
         .with_columns(pl.max_horizontal(extra, pl.lit(1)).cast(pl.Int64).alias("extra_points"))
         .select("bucket", "extra_points", "late_points_ignored")
+        .sort("bucket")
     )
 
 
