@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from energy_pipeline.devtools.bench import (
     READ_QUERIES,
@@ -16,6 +16,7 @@ from energy_pipeline.devtools.bench import (
     format_table,
     run_bench,
 )
+from energy_pipeline.influx import InfluxClient, to_ns
 
 
 def test_quick_bench_produces_complete_sane_figures(settings, influx_db, influx_server):
@@ -189,3 +190,34 @@ def test_live_alert_figures_count_duplicates_and_keep_retried_notifications_apar
     assert figures["delivered_after_outage"] == 1
     assert figures["after_outage_close_to_webhook_max_s"] == 70.0
     assert figures["delivery_retries"] == 2
+
+
+def test_influx_read_bench_times_each_read_of_whole_minutes(influx_db, tmp_path, capsys):
+    from energy_pipeline.devtools.bench import influx_read
+    from energy_pipeline.devtools.simulator import build_fleet, generate_points
+    from energy_pipeline.devtools.telemetry_writer import write_points
+
+    # 4 minutes of 20 devices from 12:00:30: 12:00 and 12:04 are partial, three minutes whole.
+    start = datetime(2026, 11, 2, 12, 0, 30, tzinfo=UTC)
+    write_points(influx_db, generate_points(build_fleet(20), to_ns(start), 240), "telemetry")
+    out = tmp_path / "read.json"
+    argv = ["--url", influx_db.url, "--database", influx_db.database, "--minutes", "3"]
+    assert influx_read.main([*argv, "--repeat", "1", "--json", str(out)]) == 0
+
+    figures = json.loads(out.read_text())
+    minutes = ["2026-11-02T12:01", "2026-11-02T12:02", "2026-11-02T12:03"]
+    reads = [k for k in figures if k not in ("database", "repeat")]
+    assert reads[0] == "read_window, 1 slice" and "count(power_w)" in reads
+    for read in reads:
+        assert list(figures[read]) == minutes, read
+        assert all(0 < s < 60 for s in figures[read].values()), read
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| median seconds | 12:01 | 12:02 | 12:03 |"
+    assert len(table) == 2 + len(reads)
+
+    empty = InfluxClient(influx_db.url, f"{influx_db.database}_none")
+    empty.create_database()
+    try:
+        assert influx_read.main(["--url", empty.url, "--database", empty.database]) == 1
+    finally:
+        empty.query_json(f'DROP DATABASE "{empty.database}"')
