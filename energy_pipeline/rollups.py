@@ -18,6 +18,7 @@ from energy_pipeline.schemas import (
     DEVICE_ROLLUP_1M,
     FIELDS,
     LEDGER_COLUMNS,
+    MAX_TAG_LENGTH,
     QUARANTINE_SCHEMA,
     ROLLUP_COLUMNS,
     TAGS,
@@ -197,7 +198,7 @@ def roll_up_minutes(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     points_read = raw.height
-    duplicates, deduped = _split_duplicates(raw)
+    duplicates, deduped, conflicting = _split_duplicates(raw)
 
     parsed, parse_failures = parse_fields(deduped)
     known = devices["device_id"] if devices is not None else None
@@ -214,7 +215,13 @@ def roll_up_minutes(
     t1 = time.perf_counter()
     rollups = _roll_up(valid, rejected, devices)
     DEVICE_ROLLUP_1M.validate(rollups)
-    quarantine = rejected.with_columns(
+    if not conflicting.is_empty():
+        # Duplicates that lost values are quarantined too (counted as duplicates, not rejected).
+        lost = parse_fields(conflicting.drop("reason"))[0].with_columns(conflicting["reason"])
+        rejected_or_lost = pl.concat([rejected, lost], how="diagonal_relaxed")
+    else:
+        rejected_or_lost = rejected
+    quarantine = rejected_or_lost.with_columns(
         _bucket().alias("bucket"),
         pl.col("time").alias("point_time_ns"),
         # PostgreSQL text cannot hold NUL: keep the tag readable instead.
@@ -238,20 +245,35 @@ def roll_up_minutes(
     )
 
 
-def _split_duplicates(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(duplicates, the rest): points repeating a (device, timestamp) seen in another row.
+def _split_duplicates(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(duplicates, the rest, duplicates whose values differ from the point kept).
 
-    Such points come from different series in InfluxDB, e.g. a device reported under two
-    households. The one with the smallest household is kept, so the result does not depend on the
-    order points arrive in. Hashing finds whether there are any; only then is sorting worth it.
+    A duplicate repeats a (device, timestamp) of another row. Such points come from different
+    series in InfluxDB, e.g. a device reported under two households or with an extra tag. The
+    one with the smallest household is kept, ties broken by the values, so the result does not
+    depend on the order points arrive in. Hashing finds whether there are any; only then is
+    sorting worth it.
     """
     key = pl.struct("device_id", "time")
     has_device = pl.col("device_id").is_not_null()
     if not raw.select((key.is_duplicated() & has_device).any()).item():
-        return raw.clear(), raw
-    ordered = raw.sort(["device_id", "time", "household_id"], nulls_last=True)
+        return raw.clear(), raw, raw.clear()
+    values = [c for c in raw.columns if c not in ("device_id", "time", *TAGS)]
+    ordered = raw.sort(["device_id", "time", "household_id", *values], nulls_last=True)
     is_dup = ordered.select(~key.is_first_distinct() & has_device).to_series()
-    return ordered.filter(is_dup), ordered.filter(~is_dup)
+    duplicates, kept = ordered.filter(is_dup), ordered.filter(~is_dup)
+    joined = duplicates.join(kept, on=["device_id", "time"], how="left", suffix="_kept")
+    differs = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_kept")) for c in values)
+    conflicting = joined.filter(differs).select(
+        *duplicates.columns,
+        pl.concat_str(
+            pl.lit("duplicate: the device has another point at this time with other values "
+                   "(kept the one of household "),
+            pl.col("household_id_kept").fill_null("(none)"),
+            pl.lit(")"),
+        ).alias("reason"),
+    )  # fmt: skip
+    return duplicates, kept, conflicting
 
 
 def _roll_up(
@@ -289,7 +311,11 @@ def _roll_up(
         & ~poisoned
         & known
     ).with_columns(
-        pl.when(pl.col("household_id").str.contains("[\x00\ufffd]"))
+        # Only a household the contract would accept may name the row; else the registered one.
+        pl.when(
+            pl.col("household_id").str.contains("[\x00\ufffd]")
+            | ~pl.col("household_id").str.len_chars().is_between(1, MAX_TAG_LENGTH)
+        )
         .then(None)
         .otherwise(pl.col("household_id"))
         .alias("household_id")

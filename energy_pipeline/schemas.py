@@ -126,8 +126,11 @@ DEVICE_ROLLUP_1M = pa.DataFrameSchema(
     {
         "device_id": pa.Column(pl.String, nullable=False),
         "bucket": pa.Column(pl.Datetime("us", "UTC"), nullable=False),
-        "household_id": pa.Column(pl.String, nullable=False),
-        "sample_count": pa.Column(pl.UInt32, nullable=False, checks=pa.Check.le(1_000_000)),
+        "household_id": pa.Column(
+            pl.String, nullable=False, checks=pa.Check.str_length(1, MAX_TAG_LENGTH)
+        ),
+        # No upper bound: a device may send any number of points a minute (nanosecond spacing).
+        "sample_count": pa.Column(pl.UInt32, nullable=False),
         "power_w_avg": pa.Column(pl.Float64, nullable=True, checks=pa.Check.ge(0.0)),
         "power_w_min": pa.Column(pl.Float64, nullable=True, checks=pa.Check.ge(0.0)),
         "power_w_max": pa.Column(pl.Float64, nullable=True, checks=pa.Check.le(MAX_POWER_W)),

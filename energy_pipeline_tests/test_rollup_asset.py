@@ -172,6 +172,32 @@ def test_injection_through_tag_values_does_no_harm(settings, influx_db):
     assert frame.height > 0
 
 
+def test_an_over_long_household_tag_on_rejected_points_does_not_stop_the_minute(
+    settings, influx_db
+):
+    # dev-1's only point is rejected and carries a household tag too long for any index; the
+    # row takes the registered household, and dev-2's good points are rolled up beside it.
+    with psycopg.connect(settings.pg_dsn) as conn:
+        storage.upsert_devices(
+            conn, pl.DataFrame({"device_id": ["dev-1", "dev-2"], "household_id": ["h1", "h2"]})
+        )
+    first = base_minute(30)
+    t0 = int(first.timestamp()) * NS
+    long_tag = "".join(f"{i:04d}" for i in range(2_000))  # 8,000 characters, no repeats to pack
+    influx_db.write_lines(
+        [f"telemetry,device_id=dev-2,household_id=h2 power_w=100,energy_wh=1 {t0 + i * NS}"
+         for i in range(10)]
+        + [f"telemetry,device_id=dev-1,household_id={long_tag} power_w=-1,energy_wh=1 {t0}"]
+    )  # fmt: skip
+    materialize_minutes(settings, first, first)
+    assert [r[:4] + r[8:9] for r in fetch_rollups(settings.pg_dsn)] == [
+        ("dev-1", first, "h1", 0, 1),
+        ("dev-2", first, "h2", 10, 0),
+    ]
+    quarantined = fetch_quarantine(settings.pg_dsn)
+    assert len(quarantined) == 1 and long_tag in quarantined[0]
+
+
 def test_devices_tagged_with_another_household_are_counted_on_their_minute(settings, influx_db):
     fleet = build_fleet(8, seed=7, devices_per_household=4)
     registered = dict(zip(fleet["device_id"], fleet["household_id"], strict=True))

@@ -101,3 +101,72 @@ def test_devices_reporting_another_household_than_registered_are_counted_per_min
     assert roll_up_minutes(_points(), START, START + timedelta(minutes=2), DEVICES).ledger[
         "household_mismatches"
     ].to_list() == [0, 0]
+
+
+def test_duplicates_under_the_same_household_keep_the_same_point_in_any_order():
+    # Two series of dev-1 in hh-a (an extra tag told them apart) disagree at t0.
+    t0 = int(START.timestamp()) * NS
+    points = pl.DataFrame(
+        [(t0, "100.0", "1.0", "dev-1", "hh-a"), (t0, "200.0", "2.0", "dev-1", "hh-a"),
+         (t0 + NS, "150.0", "1.0", "dev-1", "hh-a")],
+        schema=["time", "power_w", "energy_wh", "device_id", "household_id"], orient="row",
+    )  # fmt: skip
+    end = START + timedelta(minutes=1)
+    results = {
+        (
+            batch.rollups.row(0, named=True)["power_w_avg"],
+            tuple(batch.quarantine["power_w"]),
+            tuple(batch.quarantine["reason"]),
+        )
+        for batch in (roll_up_minutes(p, START, end, DEVICES) for p in (points, points.reverse()))
+    }
+    assert len(results) == 1
+    avg, lost, reasons = results.pop()
+    # The smaller values are kept; the point that lost is quarantined with the reason.
+    assert avg == 125.0
+    assert lost == (200.0,)
+    assert reasons == (
+        "duplicate: the device has another point at this time with other values "
+        "(kept the one of household hh-a)",
+    )
+
+
+def test_duplicates_with_equal_values_are_counted_not_quarantined():
+    t0 = int(START.timestamp()) * NS
+    points = pl.DataFrame(
+        [(t0, "100.0", "1.0", "dev-1", "hh-a"), (t0, "100.0", "1.0", "dev-1", "hh-b")],
+        schema=["time", "power_w", "energy_wh", "device_id", "household_id"], orient="row",
+    )  # fmt: skip
+    batch = roll_up_minutes(points, START, START + timedelta(minutes=1), DEVICES)
+    assert batch.duplicates_dropped == 1 and batch.quarantine.is_empty()
+    assert batch.rollups["household_id"].to_list() == ["hh-a"]
+
+
+def test_a_rejected_points_household_names_the_row_only_if_the_contract_accepts_it():
+    t0 = int(START.timestamp()) * NS
+    long_household = "h" * 8_000
+    points = pl.DataFrame(
+        [(t0, "-5.0", "1.0", "dev-1", long_household), (t0, "-5.0", "1.0", "dev-2", "")],
+        schema=["time", "power_w", "energy_wh", "device_id", "household_id"], orient="row",
+    )  # fmt: skip
+    registry = pl.DataFrame({"device_id": ["dev-1", "dev-2"], "household_id": ["hh-a", "hh-c"]})
+    batch = roll_up_minutes(points, START, START + timedelta(minutes=1), registry)
+    rows = batch.rollups.select("device_id", "household_id", "sample_count", "rejected_count")
+    assert rows.rows() == [("dev-1", "hh-a", 0, 1), ("dev-2", "hh-c", 0, 1)]
+    assert batch.quarantine["household_id"].to_list() == [long_household, ""]
+
+
+def test_a_minute_may_hold_more_than_a_million_points_of_one_device():
+    t0 = int(START.timestamp()) * NS
+    n = 1_000_001
+    points = pl.DataFrame(
+        {
+            "time": pl.int_range(t0, t0 + n, eager=True),
+            "power_w": pl.repeat("10.0", n, eager=True),
+            "energy_wh": pl.repeat("0.0", n, eager=True),
+            "device_id": pl.repeat("dev-1", n, eager=True),
+            "household_id": pl.repeat("hh-a", n, eager=True),
+        }
+    )
+    batch = roll_up_minutes(points, START, START + timedelta(minutes=1), DEVICES)
+    assert batch.rollups["sample_count"].to_list() == [n]
