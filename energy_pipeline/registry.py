@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from energy_pipeline.influx import InfluxClient, quote_ident, to_ns
+from energy_pipeline.schemas import MAX_TAG_LENGTH
 from energy_pipeline.storage import DEVICE_COLUMNS, upsert_devices
 
 REQUIRED_COLUMNS = ("device_id", "household_id")
@@ -70,6 +71,9 @@ def _id_problem(column: str, value: str) -> str | None:
         return f"{column} {value!r} has leading or trailing spaces"
     if any(c in value for c in _UNREGISTRABLE):
         return f"{column} {value!r} holds NUL or an invalid character"
+    if len(value) > MAX_TAG_LENGTH:
+        # The contract rejects every point carrying such a tag: the device would never roll up.
+        return f"{column} is {len(value)} characters long; at most {MAX_TAG_LENGTH} are allowed"
     return None
 
 
@@ -286,6 +290,7 @@ def discover(
         bad_id = (
             bad_id
             | (value == "")
+            | (value.str.len_chars() > MAX_TAG_LENGTH)
             | pl.any_horizontal(value.str.contains(c, literal=True) for c in _UNREGISTRABLE)
         )
     unregistrable = seen.filter(bad_id)

@@ -111,6 +111,8 @@ def test_parse_accepts_a_subset_of_columns_in_any_order_and_a_bom():
         ('device_id,household_id\nd1,"h1\n', ["line 2: unexpected end of data"]),
         (b"device_id,household_id\nd1,h1\nd2,h\xff\n", ["line 3: not UTF-8 text"]),
         ("device_id,household_id,name\nd1,h1,a\x00b\n", ["line 2: name holds NUL"]),
+        ("device_id,household_id\nd1," + "h" * 257 + "\n",
+         ["line 2: household_id is 257 characters long; at most 256"]),
     ],
 )  # fmt: skip
 def test_parse_names_the_line_and_the_problem(text: str | bytes, problems: list[str]):
@@ -265,9 +267,10 @@ def test_discover_quotes_the_measurement_and_skips_untagged_points(env, pg_dsn):
             f'odd\\ "name,device_id=x1,household_id=h1 power_w=1,energy_wh=0.1 {ns}',
             f'odd\\ "name,household_id=h1 power_w=1,energy_wh=0.1 {ns}',  # no device tag
             f'odd\\ "name,device_id=x2,household_id=h2 energy_wh=0.1 {ns}',  # no power_w
+            f'odd\\ "name,device_id={"x" * 257},household_id=h1 power_w=1 {ns}',  # too long
         ]
     )
     with psycopg.connect(pg_dsn) as conn:
         found = discover(conn, influx, 'odd "name', now - timedelta(hours=1))
     assert found.unknown.rows() == [("x1", "h1", 1), ("x2", "h2", 1)]
-    assert found.unregistrable.rows() == [("", "h1", 1)]
+    assert found.unregistrable.rows() == [("", "h1", 1), ("x" * 257, "h1", 1)]
