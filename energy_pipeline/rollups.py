@@ -16,6 +16,7 @@ from energy_pipeline.schemas import (
     BUCKET_DTYPE,
     CHECKSUM_COLUMNS,
     DEVICE_ROLLUP_1M,
+    EXTRA_FIELD_PREFIX,
     FIELDS,
     LEDGER_COLUMNS,
     MAX_TAG_LENGTH,
@@ -88,6 +89,11 @@ def _failures(frame: pl.DataFrame, bad: pl.Expr, column: str, reason: pl.Expr) -
     )
 
 
+def _extra_field(column: str) -> str:
+    """The field's name in a column `extra:<field>:<type>` of a raw read (see sources.py)."""
+    return column.removeprefix(EXTRA_FIELD_PREFIX).rpartition(":")[0] or column
+
+
 def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Main fields as floats; return the parsed frame and (index, column, reason) failures.
 
@@ -119,6 +125,21 @@ def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
                     pl.lit(f"{f}: not a number ({kind} "), _quoted(pl.col(typed)), pl.lit(")")
                 )
                 failures.append(_failures(raw, pl.col(typed).is_not_null(), f, reason))
+    extra = [c for c in raw.columns if c.startswith(EXTRA_FIELD_PREFIX)]
+    if extra:
+        # A point carrying none of the contract's fields (a misspelt `Power_W`, a sensor's own
+        # field) would otherwise only be "missing" power: name what it carried instead.
+        ours = [c for c in raw.columns if c.split("__")[0] in FIELDS]
+        carried = pl.concat_str(
+            [pl.when(pl.col(c).is_not_null()).then(pl.lit(_extra_field(c)))
+             for c in extra],
+            separator=", ", ignore_nulls=True,
+        )  # fmt: skip
+        failures.append(
+            _failures(raw, pl.all_horizontal(pl.lit(True), *(pl.col(c).is_null() for c in ours))
+                      & (carried != ""),
+                      "fields", pl.concat_str(pl.lit("fields outside the contract: "), carried))
+        )  # fmt: skip
     for tag in TAGS:
         as_field = [c for c in raw.columns if c.startswith(f"{tag}__")]
         if as_field:

@@ -13,6 +13,9 @@ import polars as pl
 # Fields and tags of a raw point in InfluxDB (input contract).
 FIELDS = ("power_w", "energy_wh", "voltage_v")
 TAGS = ("device_id", "household_id")
+# Prefix of a raw read's column `extra:<field>:<type>` for a field outside the contract (read only
+# to see which points carry nothing else).
+EXTRA_FIELD_PREFIX = "extra:"
 BUCKET_DTYPE = pl.Datetime("us", "UTC")
 
 # energy.quarantine: one rejected raw point and its reason.

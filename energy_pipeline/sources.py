@@ -34,7 +34,13 @@ from energy_pipeline.influx import (
     series_slices,
     to_ns,
 )
-from energy_pipeline.schemas import CHECKSUM_COLUMNS, CHECKSUM_SCHEMA, FIELDS, TAGS
+from energy_pipeline.schemas import (
+    CHECKSUM_COLUMNS,
+    CHECKSUM_SCHEMA,
+    EXTRA_FIELD_PREFIX,
+    FIELDS,
+    TAGS,
+)
 
 MINUTE = timedelta(minutes=1)
 NS_PER_MINUTE = 60_000_000_000
@@ -56,9 +62,13 @@ class Column:
     # A field with one type in every shard is selected as it is: the cast costs InfluxDB time
     # (about a tenth of a minute's read here) and changes nothing then.
     cast: bool = True
+    # A field outside the contract, read only so that points carrying nothing else are seen.
+    extra: bool = False
 
     @property
     def alias(self) -> str:
+        if self.extra:
+            return f"{EXTRA_FIELD_PREFIX}{self.field}:{self.kind}"
         if self.kind == "float" and self.field in FIELDS:
             return self.field
         return f"{self.field}__{self.kind}"
@@ -76,7 +86,9 @@ def read_columns(field_types: Mapping[str, Iterable[str]]) -> list[Column]:
     """The typed columns to read, given the field types InfluxDB has seen (`SHOW FIELD KEYS`).
 
     Every main field is read as a number; its values stored as strings or booleans in some shard
-    get a column of their own. Fields named like a tag get one column per type.
+    get a column of their own. Fields named like a tag get one column per type, and so do fields
+    outside the contract: a point carrying only those must reach the contract, not vanish. They
+    cost a read only where series carry them.
     """
     kinds = {
         f: {"float" if t in ("float", "integer") else t for t in types}
@@ -91,6 +103,9 @@ def read_columns(field_types: Mapping[str, Iterable[str]]) -> list[Column]:
         columns += [Column(f, k) for k in ("string", "boolean") if k in kinds.get(f, ())]
     for t in TAGS:
         columns += [Column(t, k) for k in ("float", "string", "boolean") if k in kinds.get(t, ())]
+    for f in sorted(set(kinds) - set(FIELDS) - set(TAGS)):
+        one_type = len(set(field_types[f])) <= 1
+        columns += [Column(f, k, cast=not one_type, extra=True) for k in sorted(kinds[f])]
     return columns
 
 
@@ -303,12 +318,18 @@ def read_window(
     columns = read_columns(field_types(client, measurement))
     # Every aggregate is a pass over its field's blocks, so the proof of completeness counts
     # one field: a cut-short answer misses whole rows. Typed columns beyond the plain numbers
-    # (type drift, fields named like tags) are rare and counted too.
-    checked = [c for c in columns if c.alias != c.field or c.field == FIELDS[0]]
+    # (type drift, fields named like tags, fields outside the contract) are rare and counted too,
+    # except text outside the contract: CSV reads an empty string as missing, and only for the
+    # contract's fields is a minute worth reading as JSON.
+    checked = [
+        c
+        for c in columns
+        if (c.alias != c.field or c.field == FIELDS[0]) and not (c.extra and c.kind == "string")
+    ]
     counts = column_counts(client, measurement, checked, start, end, sums=False)
     # JSON tells an empty string from a missing value; CSV cannot. Only minutes holding
     # non-numeric values of a field pay for it, one minute at a time (JSON costs memory).
-    other = [_count_alias(c) for c in checked if c.kind != "float"]
+    other = [_count_alias(c) for c in checked if c.kind != "float" and not c.extra]
     as_json = set(counts.filter(pl.sum_horizontal(other) > 0)["time"].to_list()) if other else set()
     reader = _Reader(client, measurement, columns, checked, counts, as_json)
     points = reader.read(start, end, max(1, parallel))
@@ -443,7 +464,7 @@ def current_checksums(
     client: InfluxClient, measurement: str, start: datetime, end: datetime
 ) -> pl.DataFrame:
     """InfluxDB's checksums of every minute in [start, end) as they are now."""
-    columns = read_columns(field_types(client, measurement))
+    columns = [c for c in read_columns(field_types(client, measurement)) if not c.extra]
     return checksums(column_counts(client, measurement, columns, start, end), columns)
 
 

@@ -198,6 +198,33 @@ def test_an_over_long_household_tag_on_rejected_points_does_not_stop_the_minute(
     assert len(quarantined) == 1 and long_tag in quarantined[0]
 
 
+def test_points_carrying_only_fields_outside_the_contract_are_quarantined(settings, influx_db):
+    with psycopg.connect(settings.pg_dsn) as conn:
+        storage.upsert_devices(conn, pl.DataFrame({"device_id": ["dev-1"], "household_id": ["h1"]}))
+    first = base_minute(30)
+    t0 = int(first.timestamp()) * NS
+    tags = "telemetry,device_id=dev-1,household_id=h1"
+    influx_db.write_lines(
+        [f"{tags} power_w=100,energy_wh=1,temperature_c=21.5 {t0}",  # an extra field: fine
+         f"{tags} Power_W=10,Energy_Wh=1 {t0 + NS}",  # misspelt fields only
+         f"{tags} temperature_c=22 {t0 + 2 * NS}",
+         f'{tags} firmware="1.2" {t0 + 3 * NS}',
+         f'{tags} note="" {t0 + 4 * NS}']  # an empty text is all it carries
+    )  # fmt: skip
+    materialize_minutes(settings, first, first)
+    assert [r[:4] + r[8:9] for r in fetch_rollups(settings.pg_dsn)] == [
+        ("dev-1", first, "h1", 1, 4)
+    ]
+    reasons = [r[-1] for r in fetch_quarantine(settings.pg_dsn)]
+    missing = "energy_wh: missing; {}power_w: missing"
+    assert reasons == [
+        missing.format("fields outside the contract: Energy_Wh, Power_W; "),
+        missing.format("fields outside the contract: temperature_c; "),
+        missing.format("fields outside the contract: firmware; "),
+        missing.format(""),
+    ]
+
+
 def test_devices_tagged_with_another_household_are_counted_on_their_minute(settings, influx_db):
     fleet = build_fleet(8, seed=7, devices_per_household=4)
     registered = dict(zip(fleet["device_id"], fleet["household_id"], strict=True))

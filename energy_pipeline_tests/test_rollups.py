@@ -170,3 +170,23 @@ def test_a_minute_may_hold_more_than_a_million_points_of_one_device():
     )
     batch = roll_up_minutes(points, START, START + timedelta(minutes=1), DEVICES)
     assert batch.rollups["sample_count"].to_list() == [n]
+
+
+def test_a_point_carrying_only_fields_outside_the_contract_is_quarantined_naming_them():
+    t0 = int(START.timestamp()) * NS
+    points = pl.DataFrame(
+        [(t0, "10.0", "1.0", None, "21.5", "dev-1", "hh-a"),  # an extra field beside ours: fine
+         (t0 + NS, None, None, "10.0", None, "dev-1", "hh-a"),  # a misspelt power field only
+         (t0 + 2 * NS, None, None, "12.0", "22.0", "dev-1", "hh-a")],
+        schema=["time", "power_w", "energy_wh", "extra:Power_W:float", "extra:temperature_c:float",
+                "device_id", "household_id"],
+        orient="row",
+    )  # fmt: skip
+    batch = roll_up_minutes(points, START, START + timedelta(minutes=1), DEVICES)
+    row = batch.rollups.row(0, named=True)
+    assert (row["sample_count"], row["rejected_count"], row["power_w_avg"]) == (1, 2, 10.0)
+    assert batch.quarantine["reason"].to_list() == [
+        "energy_wh: missing; fields outside the contract: Power_W; power_w: missing",
+        "energy_wh: missing; fields outside the contract: Power_W, temperature_c; power_w: missing",
+    ]
+    assert batch.ledger["points_read"].to_list() == [3]
