@@ -264,6 +264,22 @@ def ledger_between(conn: psycopg.Connection, start: datetime, end: datetime) -> 
     )
 
 
+def minutes_of_registered_unknowns(
+    conn: psycopg.Connection, start: datetime, end: datetime
+) -> list[datetime]:
+    """Minutes in [start, end) holding points quarantined as of an unknown device that is now
+    registered: rolled up again, those points count."""
+    rows = conn.execute(
+        "SELECT DISTINCT q.bucket FROM energy.quarantine q "
+        "WHERE q.source = %s AND q.bucket >= %s AND q.bucket < %s "
+        "AND q.reason LIKE '%%device_id: unknown device%%' "
+        "AND EXISTS (SELECT FROM energy.devices d WHERE d.device_id = q.device_id) "
+        "ORDER BY q.bucket",
+        (SOURCE_MINUTE_ROLLUP, start, end),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def record_out_of_range(
     conn: psycopg.Connection, counts: dict[str, int], bounds: dict[str, datetime], at: datetime
 ) -> None:

@@ -13,7 +13,12 @@ import pytest
 from energy_pipeline.definitions import build_definitions
 from energy_pipeline.defs.minute_rollups import sensors
 from energy_pipeline.scheduling import MINUTE, parse_partition_key, partition_key
-from energy_pipeline_tests.helpers import base_minute, fetch_rollups, materialize_minutes
+from energy_pipeline_tests.helpers import (
+    base_minute,
+    fetch_quarantine,
+    fetch_rollups,
+    materialize_minutes,
+)
 
 # In the past, so every minute the sensor requests at NOW already exists as a partition.
 NOW = base_minute(1) + timedelta(seconds=15)
@@ -134,6 +139,33 @@ def test_late_point_within_window_is_recomputed_after_next_tick(settings, influx
     assert [_minutes_of(r) for r in result.run_requests] == [[minute]]
     _run(settings, result.run_requests[0], instance)
     assert fetch_rollups(settings.pg_dsn) == [("d1", minute, "h1", 2, 200.0, 100.0, 300.0, 2.0, 0)]
+    assert not _tick(settings, "late_data_sensor", instance).run_requests
+
+
+def test_points_of_a_device_registered_late_are_rolled_up_on_the_next_tick(
+    settings, influx_db, frozen_now
+):
+    instance = dg.DagsterInstance.ephemeral()
+    minute = NOW.replace(second=0) - 10 * MINUTE
+    old = NOW.replace(second=0) - timedelta(seconds=settings.lateness_seconds) - 2 * MINUTE
+    influx_db.write_lines(
+        [f"telemetry,device_id=d9,household_id=h9 power_w=100.0,energy_wh=0.5 {ns}"
+         for ns in (int(m.timestamp()) * 10**9 for m in (old, minute))]
+    )  # fmt: skip
+    for m in (old, minute):
+        materialize_minutes(settings, m, m)
+    assert fetch_rollups(settings.pg_dsn) == []
+    assert len(fetch_quarantine(settings.pg_dsn)) == 2  # device_id: unknown device
+    assert not _tick(settings, "late_data_sensor", instance).run_requests
+
+    with psycopg.connect(settings.pg_dsn) as conn:
+        conn.execute("INSERT INTO energy.devices (device_id, household_id) VALUES ('d9', 'h9')")
+    # Within the lateness window the minute is rolled up again; the older one stays as it was.
+    result = _tick(settings, "late_data_sensor", instance)
+    assert [_minutes_of(r) for r in result.run_requests] == [[minute]]
+    _run(settings, result.run_requests[0], instance)
+    assert fetch_rollups(settings.pg_dsn) == [("d9", minute, "h9", 1, 100.0, 100.0, 100.0, 0.5, 0)]
+    assert [q[0] for q in fetch_quarantine(settings.pg_dsn)] == [old]
     assert not _tick(settings, "late_data_sensor", instance).run_requests
 
 

@@ -36,6 +36,7 @@ from energy_pipeline.schemas import CHECKSUM_COLUMNS
 from energy_pipeline.sources import COUNTED, RawSource, late_minutes
 from energy_pipeline.storage import (
     ledger_between,
+    minutes_of_registered_unknowns,
     record_late_points_ignored,
     record_out_of_range,
 )
@@ -377,6 +378,23 @@ def build_late_data_sensor(
                 _audit_out_of_range(context, source, conn, earliest, now)
             busy = in_flight_minutes(context.instance, now, s.run_timeout_seconds)
             due, ignored = split_late(late.rows(), now, s.lateness_seconds, busy)
+            # A device registered after its points were quarantined as unknown: within the
+            # lateness window its minutes are rolled up again, as if the points came late.
+            registered = (
+                set(
+                    minutes_of_registered_unknowns(
+                        conn, max(earliest, now - timedelta(seconds=s.lateness_seconds)), check.end
+                    )
+                )
+                - set(busy)
+                - set(due)
+            )
+            if registered:
+                context.log.info(
+                    f"rolling up {len(registered)} minutes again: they hold quarantined points "
+                    "of devices registered since"
+                )
+                due = sorted({*due, *registered})
             if ignored:
                 record_late_points_ignored(conn, ignored)
                 context.log.warning(
