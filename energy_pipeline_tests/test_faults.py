@@ -26,7 +26,7 @@ from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.services import LocalInflux, free_port
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
 from energy_pipeline.influx import InfluxClient, InfluxLimitError, to_ns
-from energy_pipeline.sources import COUNTED, current_checksums, late_minutes
+from energy_pipeline.sources import COUNTED, MINUTE, current_checksums, late_minutes
 from energy_pipeline_tests.helpers import base_minute, fetch_quarantine, materialize_minutes
 
 NS = 1_000_000_000
@@ -205,6 +205,25 @@ def test_corrected_value_gets_its_minute_recomputed(settings, influx_db, clock):
     assert [r.partition_key for r in requests] == [first.strftime("%Y-%m-%d-%H:%M")]
     materialize_minutes(settings, first, first)
     assert _late_requests(settings, instance) == []
+
+
+# 4. InfluxDB sums an integer field as integers, which wrap around past 2**63.
+def test_integer_sums_past_int64_match_the_clients(settings, influx_db, clock):
+    fleet = _fleet(settings, 1)
+    device, household = fleet.row(0)[:2]
+    first = base_minute(10)
+    influx_db.write_lines(
+        [f"telemetry,device_id={device},household_id={household} power_w=9000000000000000000i,"
+         f"energy_wh=1i {to_ns(first) + i * NS}" for i in range(2)]
+    )  # fmt: skip
+    materialize_minutes(settings, first, first)
+
+    now = current_checksums(influx_db, "telemetry", first, first + MINUTE)
+    assert now["power_w_sum"].to_list() == [1.8e19]
+    assert _ledger(settings.pg_dsn)[0]["power_w_sum"] == 1.8e19
+    instance = dg.DagsterInstance.ephemeral()
+    for _ in range(2):
+        assert _late_requests(settings, instance) == []
 
 
 # 5. Field-type drift across shards: strings where numbers were, and the empty string.
