@@ -32,6 +32,10 @@ class InfluxLimitError(InfluxError):
     """A server limit (`max-select-point`, `query-timeout`) stopped the query: ask for less."""
 
 
+class InfluxAnswerError(InfluxError):
+    """InfluxDB answered a query with text that is not JSON, e.g. a sum it could not encode."""
+
+
 # Statement errors that say the server was busy, not that the query was wrong: asked again.
 _BUSY_ERRORS = ("max-concurrent-queries limit exceeded",)
 # Statement errors that say the query asked for too much at once.
@@ -244,7 +248,8 @@ class InfluxClient:
         """Run InfluxQL and return its `results` list, raising on any statement error.
 
         A server busy at `max-concurrent-queries` is asked again with backoff; a query stopped by
-        `max-select-point` or `query-timeout` raises `InfluxLimitError` (the caller asks for less).
+        `max-select-point` or `query-timeout` raises `InfluxLimitError` (the caller asks for less);
+        an answer that is not JSON raises `InfluxAnswerError`.
         """
 
         @backoff.on_exception(
@@ -253,7 +258,14 @@ class InfluxClient:
         )  # fmt: skip
         def attempt() -> list[dict[str, Any]]:
             resp = self._request("POST", "/query", data=self._query_params(q, params))
-            body = resp.json()
+            try:
+                body = resp.json()
+            except ValueError as exc:
+                # InfluxDB 1.x answers 200 with its encoder's message in place of an answer it
+                # cannot encode: "json: unsupported value: +Inf" for a sum past the float range.
+                raise InfluxAnswerError(
+                    f"InfluxDB answered with something not JSON: {resp.text[:300]!r}"
+                ) from exc
             errors = [r["error"] for r in body.get("results", []) if "error" in r]
             if "error" in body:
                 errors.append(body["error"])

@@ -26,6 +26,7 @@ import polars as pl
 
 from energy_pipeline.influx import (
     MAX_SLICES,
+    InfluxAnswerError,
     InfluxClient,
     InfluxError,
     InfluxLimitError,
@@ -217,6 +218,18 @@ def column_counts(
         return pl.concat(
             [column_counts(client, measurement, columns, *w, sums=sums) for w in halves]
         )
+    except InfluxAnswerError:
+        # A sum past the float range (+Inf) cannot be sent as JSON. Find its minute and
+        # leave only that minute's sums unknown (null): counts still prove late points.
+        if not sums:
+            raise
+        if _minutes(start, end) <= 1:
+            counted = column_counts(client, measurement, columns, start, end, sums=False)
+            return counted.with_columns(
+                pl.lit(None, pl.Float64()).alias(a) for a in aliases if a.startswith("s__")
+            ).select(list(schema))
+        halves = _halves(start, end)
+        return pl.concat([column_counts(client, measurement, columns, *w) for w in halves])
     return frame.with_columns(
         pl.col(a).fill_null(0) for a in aliases if a.startswith("n__")
     ).with_columns(pl.col(a).fill_null(0.0) for a in aliases if a.startswith("s__"))
@@ -262,11 +275,20 @@ def _bucket_from_ns() -> pl.Expr:
 
 
 def checksums_differ(left: pl.Expr, right: pl.Expr, is_sum: bool) -> pl.Expr:
-    """True where two checksum values say the points differ."""
+    """True where two checksum values say the points differ.
+
+    A sum that is unknown (null: InfluxDB could not encode it) or infinite (the client's sum
+    overflowed) is no evidence either way; the counts beside it still are.
+    """
     if not is_sum:
         return left != right
     scale = pl.max_horizontal(left.abs(), right.abs(), pl.lit(1.0))
-    return (left - right).abs() > scale * SUM_RELATIVE_TOLERANCE
+    differ = (
+        left.is_finite()
+        & right.is_finite()
+        & ((left - right).abs() > scale * SUM_RELATIVE_TOLERANCE)
+    )
+    return differ.fill_null(False)
 
 
 def _client_counts(frame: pl.DataFrame, columns: list[Column]) -> pl.DataFrame:
@@ -426,8 +448,12 @@ def late_minutes(
     holds the stored checksums and `late_points_ignored`. Returns bucket, extra_points (count
     difference, at least 1 when only values changed) and late_points_ignored, oldest first.
     """
-    joined = ledger.join(current, on="bucket", how="left", suffix="_now").with_columns(
-        pl.col(f"{c}_now").fill_null(0) for c in compared
+    # A minute missing from `current` holds nothing now: zero points, zero sums. A null sum of
+    # a minute it holds is unknown and stays null.
+    seen = current.with_columns(pl.lit(True).alias("seen_now"))
+    joined = ledger.join(seen, on="bucket", how="left", suffix="_now").with_columns(
+        pl.when(pl.col("seen_now")).then(pl.col(f"{c}_now")).otherwise(0).alias(f"{c}_now")
+        for c in compared
     )
     changed = pl.any_horizontal(
         checksums_differ(pl.col(f"{c}_now"), pl.col(c), c.endswith("_sum")) for c in compared

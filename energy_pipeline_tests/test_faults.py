@@ -207,6 +207,39 @@ def test_corrected_value_gets_its_minute_recomputed(settings, influx_db, clock):
     assert _late_requests(settings, instance) == []
 
 
+# 4. A sum past the float range: InfluxDB 1.x cannot encode it and answers with text, not JSON.
+def test_minute_whose_sum_overflows_keeps_the_late_data_check_going(settings, influx_db, clock):
+    fleet = _fleet(settings, 2)
+    first = base_minute(10)
+    _write_fleet(influx_db, fleet, first, 3)
+    device, household = fleet.row(0)[:2]
+    tags = f"telemetry,device_id={device},household_id={household}"
+    huge = first + MINUTE
+    influx_db.write_lines(
+        [
+            f"{tags} power_w=1.7e308,energy_wh=1.7e308 {to_ns(huge) + i * NS + 10**8}"
+            for i in range(3)
+        ]
+    )
+    materialize_minutes(settings, first, first + 2 * MINUTE)
+    assert _ledger(settings.pg_dsn)[1]["power_w_sum"] == float("inf")  # the client's sum
+
+    # Only that minute's sums are unknown; unknown is no evidence of a change.
+    now = current_checksums(influx_db, "telemetry", first, first + 3 * MINUTE)
+    assert now["power_w_sum"].is_null().to_list() == [False, True, False]
+    assert _late_requests(settings, dg.DagsterInstance.ephemeral()) == []
+
+    # Its counts still see a late point, and the other minutes' sums a corrected value.
+    influx_db.write_lines(
+        [f"{tags} power_w=1.0,energy_wh=0.1 {to_ns(huge) + 5 * 10**8}",
+         f"{tags} power_w=4321.5 {to_ns(first)}"]
+    )  # fmt: skip
+    with psycopg.connect(settings.pg_dsn) as conn:
+        stored = storage.ledger_between(conn, first, first + 3 * MINUTE)
+    now = current_checksums(influx_db, "telemetry", first, first + 3 * MINUTE)
+    assert late_minutes(now, stored)["bucket"].to_list() == [first, huge]
+
+
 # 4. InfluxDB sums an integer field as integers, which wrap around past 2**63.
 def test_integer_sums_past_int64_match_the_clients(settings, influx_db, clock):
     fleet = _fleet(settings, 1)
@@ -374,3 +407,30 @@ def test_recent_ticks_compare_counts_and_full_scans_compare_checksums():
     full = late_minutes(now, ledger)
     assert full["bucket"].to_list() == [bucket, bucket + timedelta(minutes=1)]
     assert full["extra_points"].to_list() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("stored", "current", "points_now", "late"),
+    [
+        (6000.0, 6000.0, 60, False),
+        (6000.0, 6100.0, 60, True),
+        (6000.0, None, 60, False),  # InfluxDB could not encode its sum: unknown
+        (float("inf"), None, 60, False),  # the client's sum overflowed too
+        (float("inf"), 6000.0, 60, False),
+        (float("inf"), None, 61, True),  # the count still sees a late point
+    ],
+)
+def test_unknown_or_infinite_sums_are_no_evidence_but_counts_are(stored, current, points_now, late):
+    bucket = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    ledger = pl.DataFrame(
+        {"bucket": [bucket], "power_w_points": [60], "power_w_sum": [stored],
+         "late_points_ignored": [0]}
+    )  # fmt: skip
+    now = pl.DataFrame(
+        {"bucket": [bucket], "power_w_points": [points_now], "power_w_sum": [current]},
+        schema_overrides={"power_w_sum": pl.Float64},
+    )
+    compared = ("power_w_points", "power_w_sum")
+    assert late_minutes(now, ledger, compared).height == int(late)
+    # A minute InfluxDB holds nothing of any more is compared as zero points.
+    assert late_minutes(now.clear(), ledger, compared).height == 1

@@ -9,7 +9,13 @@ import pytest
 
 from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.services import LocalInflux, free_port
-from energy_pipeline.influx import InfluxClient, InfluxError, quote_ident, to_ns
+from energy_pipeline.influx import (
+    InfluxAnswerError,
+    InfluxClient,
+    InfluxError,
+    quote_ident,
+    to_ns,
+)
 from energy_pipeline.sources import read_window
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -72,6 +78,16 @@ def test_unreachable_server_is_a_clear_error_after_retries():
 def test_bad_query_reports_influxdb_message(influx_db: InfluxClient):
     with pytest.raises(InfluxError, match="error parsing query"):
         influx_db.query_frame("SELEC nonsense")
+
+
+def test_answer_that_is_not_json_is_an_influx_error_quoting_it(influx_db: InfluxClient):
+    # InfluxDB 1.x cannot encode a sum past the float range and answers 200 with its message.
+    influx_db.write_lines(
+        [f"telemetry,device_id=a power_w=1.7e308 {NS + i * 10**9}" for i in range(3)]
+    )
+    q = 'SELECT sum("power_w") FROM "telemetry" WHERE time >= $start AND time < $end'
+    with pytest.raises(InfluxAnswerError, match=r"not JSON: 'json: .*unsupported value: \+Inf"):
+        influx_db.query_json(q, {"start": NS, "end": NS + 60 * 10**9})
 
 
 @pytest.mark.parametrize(("url", "database"), [("localhost:8086", "db"), ("http://x", "")])
