@@ -29,7 +29,8 @@ class InfluxError(RuntimeError):
 
 
 class InfluxLimitError(InfluxError):
-    """A server limit (`max-select-point`, `query-timeout`) stopped the query: ask for less."""
+    """A server limit (`max-select-point`, `query-timeout`, `max-row-limit`) stopped the query:
+    ask for less."""
 
 
 class InfluxAnswerError(InfluxError):
@@ -39,7 +40,14 @@ class InfluxAnswerError(InfluxError):
 # Statement errors that say the server was busy, not that the query was wrong: asked again.
 _BUSY_ERRORS = ("max-concurrent-queries limit exceeded",)
 # Statement errors that say the query asked for too much at once.
-_LIMIT_ERRORS = ("max-select-point limit", "max-series limit", "query-timeout limit exceeded")
+_LIMIT_ERRORS = (
+    "max-select-point limit",
+    "max-series limit",
+    "query-timeout limit exceeded",
+    "max-row-limit",
+)
+# Rows per chunk of a JSON answer. Chunked answers are not cut at `[http] max-row-limit`.
+JSON_CHUNK_ROWS = 10_000
 
 
 def statement_error(message: str) -> InfluxError:
@@ -47,6 +55,47 @@ def statement_error(message: str) -> InfluxError:
     if any(e in message for e in _LIMIT_ERRORS):
         return InfluxLimitError(f"InfluxDB stopped the query at a server limit: {message}")
     return InfluxError(f"InfluxQL error: {message}")
+
+
+def query_results(body: str) -> list[dict[str, Any]]:
+    """The `results` of a `/query` answer, its chunks merged by statement; raises on any error.
+
+    A chunked answer is one JSON document per line; a statement's series may span several.
+    """
+    results: dict[int, dict[str, Any]] = {}
+    partial: dict[int, bool] = {}
+    errors = []
+    for line in body.splitlines():
+        if not line.strip():
+            continue
+        try:
+            chunk = json.loads(line)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            # InfluxDB 1.x answers 200 with its encoder's message in place of a chunk it
+            # cannot encode: "json: unsupported value: +Inf" for a sum past the float range.
+            raise InfluxAnswerError(f"InfluxDB answered with something not JSON: {line[:300]!r}")
+        if "error" in chunk:
+            errors.append(chunk["error"])
+        for result in chunk.get("results", []):
+            if "error" in result:
+                errors.append(result["error"])
+            key = result.get("statement_id", 0)
+            merged = results.setdefault(key, {"statement_id": key, "series": []})
+            merged["series"] += result.get("series", [])
+            # Every chunk but a statement's last says "partial". One that still says so at the
+            # end was cut by the server: a non-chunked answer past `[http] max-row-limit`.
+            partial[key] = bool(result.get("partial")) or any(
+                s.get("partial") for s in result.get("series", [])
+            )
+    if any(partial.values()):
+        errors.append(
+            "the answer was cut short (partial): raise or unset [http] max-row-limit on the server"
+        )
+    if errors:
+        raise statement_error(errors[0])
+    return list(results.values())
 
 
 class _Transient(Exception):
@@ -248,8 +297,8 @@ class InfluxClient:
         """Run InfluxQL and return its `results` list, raising on any statement error.
 
         A server busy at `max-concurrent-queries` is asked again with backoff; a query stopped by
-        `max-select-point` or `query-timeout` raises `InfluxLimitError` (the caller asks for less);
-        an answer that is not JSON raises `InfluxAnswerError`.
+        `max-select-point`, `query-timeout` or `max-row-limit` raises `InfluxLimitError` (the
+        caller asks for less); an answer that is not JSON raises `InfluxAnswerError`.
         """
 
         @backoff.on_exception(
@@ -257,23 +306,15 @@ class InfluxClient:
             logger=None,
         )  # fmt: skip
         def attempt() -> list[dict[str, Any]]:
-            resp = self._request("POST", "/query", data=self._query_params(q, params))
+            form = self._query_params(q, params)
+            form |= {"chunked": "true", "chunk_size": str(JSON_CHUNK_ROWS)}
+            resp = self._request("POST", "/query", data=form)
             try:
-                body = resp.json()
-            except ValueError as exc:
-                # InfluxDB 1.x answers 200 with its encoder's message in place of an answer it
-                # cannot encode: "json: unsupported value: +Inf" for a sum past the float range.
-                raise InfluxAnswerError(
-                    f"InfluxDB answered with something not JSON: {resp.text[:300]!r}"
-                ) from exc
-            errors = [r["error"] for r in body.get("results", []) if "error" in r]
-            if "error" in body:
-                errors.append(body["error"])
-            if any(busy in e for e in errors for busy in _BUSY_ERRORS):
-                raise _Transient(f"InfluxDB at {self.url} stayed busy: {errors[0]}")
-            if errors:
-                raise statement_error(errors[0])
-            return list(body.get("results", []))
+                return query_results(resp.text)
+            except InfluxError as exc:
+                if any(busy in str(exc) for busy in _BUSY_ERRORS):
+                    raise _Transient(f"InfluxDB at {self.url} stayed busy: {exc}") from exc
+                raise
 
         try:
             return attempt()

@@ -385,7 +385,8 @@ class _Reader:
         raise IncompleteReadError(
             f"InfluxDB kept answering {int(short['missing'].sum())} values short for minute "
             f"{start:%Y-%m-%d %H:%M}, even read alone in {parallel} slices: a server limit "
-            "(max-select-point, query-timeout) is cutting answers short; raise it on the server"
+            "(max-select-point, query-timeout, max-row-limit) is cutting answers short; raise it "
+            "on the server"
         )
 
     def _query(self, start: datetime, end: datetime, parallel: int, as_json: bool) -> pl.DataFrame:

@@ -18,6 +18,7 @@ import dagster as dg
 import polars as pl
 import psycopg
 import pytest
+import requests
 
 from energy_pipeline import storage
 from energy_pipeline.definitions import build_definitions
@@ -25,15 +26,23 @@ from energy_pipeline.defs.minute_rollups import sensors
 from energy_pipeline.devtools.lineprotocol import encode_points
 from energy_pipeline.devtools.services import LocalInflux, free_port
 from energy_pipeline.devtools.simulator import build_fleet, generate_points
-from energy_pipeline.influx import InfluxClient, InfluxLimitError, to_ns
-from energy_pipeline.sources import COUNTED, MINUTE, current_checksums, late_minutes
+from energy_pipeline.influx import InfluxClient, InfluxLimitError, query_results, to_ns
+from energy_pipeline.sources import (
+    COUNTED,
+    MINUTE,
+    current_checksums,
+    current_counts,
+    late_minutes,
+)
 from energy_pipeline_tests.helpers import base_minute, fetch_quarantine, materialize_minutes
 
 NS = 1_000_000_000
 
 
-def _server(root: Path, **limits: int | str) -> Iterator[LocalInflux]:
-    server = LocalInflux(root, free_port(), coordinator=dict(limits))
+def _server(
+    root: Path, http: dict[str, int | str] | None = None, **limits: int | str
+) -> Iterator[LocalInflux]:
+    server = LocalInflux(root, free_port(), coordinator=dict(limits), http=http or {})
     server.start()
     yield server
     server.stop()
@@ -55,6 +64,12 @@ def query_limited(tmp_path_factory) -> Iterator[LocalInflux]:
 def timed_out(tmp_path_factory) -> Iterator[LocalInflux]:
     """A server whose query timeout a minute of 2,000 devices does not fit in."""
     yield from _server(tmp_path_factory.mktemp("influx-timeout"), **{"query-timeout": "5ms"})
+
+
+@pytest.fixture(scope="module")
+def row_limited(tmp_path_factory) -> Iterator[LocalInflux]:
+    """A server that cuts every JSON answer not chunked at 100 rows (`[http] max-row-limit`)."""
+    yield from _server(tmp_path_factory.mktemp("influx-rows"), http={"max-row-limit": 100})
 
 
 def _on(server: LocalInflux, settings, shard_hours: int | None = None):
@@ -137,6 +152,33 @@ def test_query_timeout_on_every_answer_fails_the_run_and_stores_nothing(settings
     assert "query-timeout" in failure.cause.message
     assert _stored(settings.pg_dsn) == (0, 0)
     assert _ledger(settings.pg_dsn) == []
+
+
+# 1. Under [http] max-row-limit a JSON answer ended at 100 rows, said so only by "partial".
+def test_answers_past_max_row_limit_are_read_whole(settings, row_limited):
+    client, settings = _on(row_limited, settings)
+    fleet = _fleet(settings, 30)
+    first = base_minute(30)
+    written = _write_fleet(client, fleet, first, 2)
+    device, household = fleet.row(0)[:2]
+    # A text value makes its minute one read as JSON: 1,800 rows.
+    client.write_lines(
+        [f'telemetry,device_id={device},household_id={household} device_id="x",power_w=1.0,'
+         f"energy_wh=0.1 {to_ns(first) + 500 * 10**6}"]
+    )  # fmt: skip
+
+    materialize_minutes(settings, first, first + timedelta(minutes=1))
+
+    assert _stored(settings.pg_dsn) == (written, 60)
+    counts = current_counts(client, "telemetry", first - timedelta(minutes=178), first + 2 * MINUTE)
+    assert counts.height == 180 and counts["power_w_points"].sum() == written + 1
+    # Another client's answer, not chunked, is still cut: "partial" is a limit, not the rows.
+    q = 'SELECT count("power_w") FROM "telemetry" WHERE time > now() - 3h GROUP BY time(1m)'
+    body = requests.post(
+        f"{row_limited.url}/query", data={"db": client.database, "q": q}, timeout=10
+    ).text
+    with pytest.raises(InfluxLimitError, match="max-row-limit"):
+        query_results(body)
 
 
 # 2. Under max-concurrent-queries a slice's CSV came back empty and was taken as "no points".

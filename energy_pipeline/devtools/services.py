@@ -97,6 +97,8 @@ class LocalInflux:
     # Extra `[coordinator]` settings, e.g. {"max-select-point": 100000}: server limits that
     # fault-injection tests set the way production servers do.
     coordinator: dict[str, int | str] = field(default_factory=dict)
+    # Extra `[http]` settings, e.g. {"max-row-limit": 100}.
+    http: dict[str, int | str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -115,6 +117,7 @@ class LocalInflux:
         rpc_port = free_port()
         limits = {"query-timeout": "0s", **self.coordinator}
         coordinator = "\n".join(f"  {k} = {_toml(v)}" for k, v in limits.items())
+        http = "".join(f"\n  {k} = {_toml(v)}" for k, v in self.http.items())
         return f"""reporting-disabled = true
 bind-address = "{LOOPBACK}:{rpc_port}"
 [meta]
@@ -131,7 +134,7 @@ bind-address = "{LOOPBACK}:{rpc_port}"
   bind-address = "{LOOPBACK}:{self.port}"
   auth-enabled = {"true" if self.auth else "false"}
   log-enabled = false
-  max-body-size = 0
+  max-body-size = 0{http}
 [monitor]
   store-enabled = false
 [continuous_queries]
