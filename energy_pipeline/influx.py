@@ -102,6 +102,11 @@ class _Transient(Exception):
     """A failure worth retrying: no connection, a dropped connection, or a 5xx answer."""
 
 
+class _Busy(Exception):
+    """The server turned the query away at `max-concurrent-queries`: asked again until a slot
+    frees, for up to the client's timeout, however many queries compete for it."""
+
+
 def quote_ident(name: str) -> str:
     """Quote an InfluxQL identifier (measurement, retention policy, database)."""
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -296,13 +301,18 @@ class InfluxClient:
     def query_json(self, q: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run InfluxQL and return its `results` list, raising on any statement error.
 
-        A server busy at `max-concurrent-queries` is asked again with backoff; a query stopped by
-        `max-select-point`, `query-timeout` or `max-row-limit` raises `InfluxLimitError` (the
-        caller asks for less); an answer that is not JSON raises `InfluxAnswerError`.
+        A server busy at `max-concurrent-queries` is asked again with backoff for up to the
+        client's timeout; a query stopped by `max-select-point`, `query-timeout` or
+        `max-row-limit` raises `InfluxLimitError` (the caller asks for less); an answer that is
+        not JSON raises `InfluxAnswerError`.
         """
 
         @backoff.on_exception(
             backoff.expo, _Transient, max_tries=self.retries + 1, factor=self.backoff_s,
+            logger=None,
+        )  # fmt: skip
+        @backoff.on_exception(
+            backoff.expo, _Busy, max_time=self.timeout_s, factor=self.backoff_s, max_value=2.0,
             logger=None,
         )  # fmt: skip
         def attempt() -> list[dict[str, Any]]:
@@ -313,12 +323,12 @@ class InfluxClient:
                 return query_results(resp.text)
             except InfluxError as exc:
                 if any(busy in str(exc) for busy in _BUSY_ERRORS):
-                    raise _Transient(f"InfluxDB at {self.url} stayed busy: {exc}") from exc
+                    raise _Busy(f"InfluxDB at {self.url} stayed busy: {exc}") from exc
                 raise
 
         try:
             return attempt()
-        except _Transient as exc:
+        except (_Transient, _Busy) as exc:
             raise InfluxError(str(exc)) from exc
 
     def query_json_frame(
