@@ -24,7 +24,8 @@ _ORIGIN = "2000-01-01 00:00:00+00"
 
 # Float sums take their inputs in a fixed order (`sum(x ORDER BY …)`), so a re-run writes
 # bit-identical values whatever plan PostgreSQL picks.
-# The minute rows a window reads; a registered device's household wins over the minute's tag.
+# The minute rows a window reads; the household a device was registered to at the minute wins
+# over the minute's tag.
 _MINUTES = """
     SELECT r.device_id, r.bucket AS minute,
            date_bin(%(step)s::interval, r.bucket, %(origin)s::timestamptz) AS bucket,
@@ -32,7 +33,13 @@ _MINUTES = """
            r.sample_count, r.power_w_avg, r.power_w_min, r.power_w_max, r.energy_wh_sum,
            r.rejected_count
     FROM energy.device_rollup_1m r
-    LEFT JOIN energy.devices d ON d.device_id = r.device_id
+    -- The household the device was registered to at that minute (migration 0014).
+    LEFT JOIN (
+        SELECT device_id, household_id, valid_from,
+               lead(valid_from, 1, 'infinity') OVER w AS valid_to
+        FROM energy.device_households
+        WINDOW w AS (PARTITION BY device_id ORDER BY valid_from)
+    ) d ON d.device_id = r.device_id AND r.bucket >= d.valid_from AND r.bucket < d.valid_to
     WHERE r.bucket >= %(start)s AND r.bucket < %(end)s
 """
 

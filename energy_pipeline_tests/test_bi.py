@@ -31,6 +31,7 @@ BI_VIEWS = {
 # data-quality dashboards) and the ledgers (completeness per minute and window, audit of reads).
 BI_TABLES = {
     "devices",
+    "device_households",
     "device_rollup_1m",
     "household_rollup_5m",
     "device_rollup_1h",

@@ -258,6 +258,64 @@ def test_rewrite_is_idempotent_and_replaces_exactly(conn, grain):
     assert windows == ((36,) if grain == HOUSEHOLD_5M else (3,))
 
 
+def _mover_minutes(hour: datetime) -> list[dict]:
+    """mover (registered to hh-a) and stayer (hh-a): 10 Wh a minute each for two hours."""
+    return [
+        {"device_id": d, "bucket": hour + i * MINUTE, "household_id": "hh-a", "sample_count": 60,
+         "power_w_avg": 600.0, "power_w_min": 600.0, "power_w_max": 600.0,
+         "energy_wh_sum": 10.0, "rejected_count": 0}
+        for i in range(120) for d in ("mover", "stayer")
+    ]  # fmt: skip
+
+
+def test_a_device_that_moves_household_keeps_its_history_when_old_windows_recompute(pg_dsn):
+    import polars as pl
+
+    hour = closed_hour(3)
+    with storage.connect(pg_dsn) as conn:
+        devices = pl.DataFrame({"device_id": ["mover", "stayer"], "household_id": ["hh-a", "hh-a"]})
+        storage.upsert_devices(conn, devices)
+        insert_minutes(conn, _mover_minutes(hour), hour + 3 * HOUR)
+        replace_household_5m(conn, hour, hour + 2 * HOUR, datetime.now(UTC))
+        replace_device_1h(conn, hour, hour + 2 * HOUR, datetime.now(UTC))
+        before = fetch(conn, HOUSEHOLD_5M, "household_id", HOUSEHOLD_COLS)
+
+        # The registry moves the device now: its past stays with hh-a, window by window.
+        moved = devices.with_columns(pl.Series("household_id", ["hh-b", "hh-a"]))
+        for _ in range(2):  # importing the same registry again records nothing more
+            storage.upsert_devices(conn, moved)
+        history = conn.execute(
+            "SELECT device_id, household_id, valid_from = '-infinity' "
+            "FROM energy.device_households ORDER BY device_id, valid_from"
+        ).fetchall()
+        assert history == [
+            ("mover", "hh-a", True),
+            ("mover", "hh-b", False),
+            ("stayer", "hh-a", True),
+        ]
+        replace_household_5m(conn, hour, hour + 5 * MINUTE, datetime.now(UTC))
+        assert fetch(conn, HOUSEHOLD_5M, "household_id", HOUSEHOLD_COLS) == before
+
+        # A move dated in the past (written by hand) splits the two hours at that time.
+        conn.execute(
+            "UPDATE energy.device_households SET valid_from = %s WHERE household_id = 'hh-b'",
+            (hour + HOUR,),
+        )
+        replace_household_5m(conn, hour, hour + 2 * HOUR, datetime.now(UTC))
+        replace_device_1h(conn, hour, hour + 2 * HOUR, datetime.now(UTC))
+        energy = conn.execute(
+            "SELECT household_id, bucket >= %s, sum(energy_wh_sum) FROM energy.household_rollup_5m "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            (hour + HOUR,),
+        ).fetchall()
+        assert energy == [("hh-a", False, 1200.0), ("hh-a", True, 600.0), ("hh-b", True, 600.0)]
+        hours = conn.execute(
+            "SELECT bucket, household_id FROM energy.device_rollup_1h WHERE device_id = 'mover' "
+            "ORDER BY bucket"
+        ).fetchall()
+        assert hours == [(hour, "hh-a"), (hour + HOUR, "hh-b")]
+
+
 def test_window_ledger_records_coverage_and_newest_minute(conn):
     hour = closed_hour()
     rows = synthetic_minutes(hour, 5)
