@@ -74,7 +74,7 @@ WITH m AS ({_MINUTES})
 INSERT INTO energy.device_rollup_1h (device_id, bucket, household_id, sample_count, power_w_avg,
     power_w_min, power_w_max, energy_wh_sum, rejected_count, computed_at)
 SELECT device_id, bucket,
-       -- registered household when registered (same for every row), else the newest minute's tag
+       -- the household the device had at the hour's newest minute, else that minute's tag
        (array_agg(household_id ORDER BY minute DESC))[1],
        sum(sample_count),
        -- sample-weighted mean of the minute means = mean over every valid sample of the hour

@@ -279,7 +279,8 @@ def _split_duplicates(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl
     has_device = pl.col("device_id").is_not_null()
     if not raw.select((key.is_duplicated() & has_device).any()).item():
         return raw.clear(), raw, raw.clear()
-    values = [c for c in raw.columns if c not in ("device_id", "time", *TAGS)]
+    # The contract's values (and their typed columns); fields outside it do not make a conflict.
+    values = [c for c in raw.columns if c.split("__")[0] in FIELDS]
     ordered = raw.sort(["device_id", "time", "household_id", *values], nulls_last=True)
     is_dup = ordered.select(~key.is_first_distinct() & has_device).to_series()
     duplicates, kept = ordered.filter(is_dup), ordered.filter(~is_dup)
@@ -378,8 +379,9 @@ def _roll_up(
 def _household_mismatches(rollups: pl.DataFrame, devices: pl.DataFrame | None) -> pl.DataFrame:
     """Per minute, devices whose points carried another household than their registered one.
 
-    The minute row keeps the tag's household (what the device said); coarser rollups and the BI
-    views use the registered one. The count is a data-quality figure in the run's metadata.
+    The minute row keeps the tag's household (what the device said); coarser rollups use the one
+    registered at each minute (`device_households`), the BI views the one registered now. The
+    count is a data-quality figure in the run's metadata.
     """
     if devices is None:
         return pl.DataFrame(schema={"bucket": BUCKET_DTYPE, "household_mismatches": pl.Int64})

@@ -129,9 +129,7 @@ DEVICE_ROLLUP_1M = pa.DataFrameSchema(
     {
         "device_id": pa.Column(pl.String, nullable=False),
         "bucket": pa.Column(pl.Datetime("us", "UTC"), nullable=False),
-        "household_id": pa.Column(
-            pl.String, nullable=False, checks=pa.Check.str_length(1, MAX_TAG_LENGTH)
-        ),
+        "household_id": pa.Column(pl.String, nullable=False),
         # No upper bound: a device may send any number of points a minute (nanosecond spacing).
         "sample_count": pa.Column(pl.UInt32, nullable=False),
         "power_w_avg": pa.Column(pl.Float64, nullable=True, checks=pa.Check.ge(0.0)),

@@ -190,3 +190,14 @@ def test_a_point_carrying_only_fields_outside_the_contract_is_quarantined_naming
         "energy_wh: missing; fields outside the contract: Power_W, temperature_c; power_w: missing",
     ]
     assert batch.ledger["points_read"].to_list() == [3]
+
+
+def test_duplicates_differing_only_outside_the_contract_are_not_a_conflict():
+    t0 = int(START.timestamp()) * NS
+    points = pl.DataFrame(
+        [(t0, "100.0", "1.0", None, "dev-1", "hh-a"), (t0, "100.0", "1.0", "-61", "dev-1", "hh-a")],
+        schema=["time", "power_w", "energy_wh", "extra:rssi:float", "device_id", "household_id"],
+        orient="row",
+    )  # fmt: skip
+    batch = roll_up_minutes(points, START, START + timedelta(minutes=1), DEVICES)
+    assert batch.duplicates_dropped == 1 and batch.quarantine.is_empty()
