@@ -282,6 +282,30 @@ def test_minute_whose_sum_overflows_keeps_the_late_data_check_going(settings, in
     assert late_minutes(now, stored)["bucket"].to_list() == [first, huge]
 
 
+def test_a_device_overflowing_every_minute_costs_a_bounded_number_of_queries(influx_db):
+    class Counting(InfluxClient):
+        queries = 0
+
+        def query_json(self, q, params=None):
+            if q.startswith("SELECT count("):
+                Counting.queries += 1
+            return super().query_json(q, params)
+
+    first = base_minute(60)
+    influx_db.write_lines(
+        [f"telemetry,device_id=d1,household_id=h1 power_w={v},energy_wh=0.1 "
+         f"{to_ns(first) + m * 60 * NS + i * NS}"
+         for m in range(48) for i, v in enumerate(("1.7e308", "1.7e308", "5"))]
+    )  # fmt: skip
+    client = Counting(influx_db.url, influx_db.database)
+    now = current_checksums(client, "telemetry", first, first + 48 * MINUTE)
+    # Halved 4 times at most (1 + 2 + 4 + 8 + 16 queries), then counts alone for 16 pieces;
+    # a query per minute would be over a hundred.
+    assert Counting.queries <= 31 + 16
+    assert now["power_w_points"].to_list() == [3] * 48
+    assert now["power_w_sum"].is_null().all()
+
+
 # 4. InfluxDB sums an integer field as integers, which wrap around past 2**63.
 def test_integer_sums_past_int64_match_the_clients(settings, influx_db, clock):
     fleet = _fleet(settings, 1)
