@@ -46,6 +46,9 @@ _LIMIT_ERRORS = (
     "query-timeout limit exceeded",
     "max-row-limit",
 )
+# How long a query turned away at `max-concurrent-queries` is asked again: well inside a sensor
+# tick's 60 s, so a busy server fails a tick with a clear error instead of a timeout.
+BUSY_WAIT_S = 30.0
 # Rows per chunk of a JSON answer. Chunked answers are not cut at `[http] max-row-limit`.
 JSON_CHUNK_ROWS = 10_000
 
@@ -104,7 +107,7 @@ class _Transient(Exception):
 
 class _Busy(Exception):
     """The server turned the query away at `max-concurrent-queries`: asked again until a slot
-    frees, for up to the client's timeout, however many queries compete for it."""
+    frees, for up to BUSY_WAIT_S, however many queries compete for it."""
 
 
 def quote_ident(name: str) -> str:
@@ -301,8 +304,8 @@ class InfluxClient:
     def query_json(self, q: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run InfluxQL and return its `results` list, raising on any statement error.
 
-        A server busy at `max-concurrent-queries` is asked again with backoff for up to the
-        client's timeout; a query stopped by `max-select-point`, `query-timeout` or
+        A server busy at `max-concurrent-queries` is asked again with backoff for up to
+        `BUSY_WAIT_S`; a query stopped by `max-select-point`, `query-timeout` or
         `max-row-limit` raises `InfluxLimitError` (the caller asks for less); an answer that is
         not JSON raises `InfluxAnswerError`.
         """
@@ -312,8 +315,8 @@ class InfluxClient:
             logger=None,
         )  # fmt: skip
         @backoff.on_exception(
-            backoff.expo, _Busy, max_time=self.timeout_s, factor=self.backoff_s, max_value=2.0,
-            logger=None,
+            backoff.expo, _Busy, max_time=min(self.timeout_s, BUSY_WAIT_S), factor=self.backoff_s,
+            max_value=2.0, logger=None,
         )  # fmt: skip
         def attempt() -> list[dict[str, Any]]:
             form = self._query_params(q, params)
