@@ -269,13 +269,14 @@ def minutes_of_registered_unknowns(
 ) -> list[datetime]:
     """Minutes in [start, end) holding points quarantined as of an unknown device that is now
     registered: rolled up again, those points count."""
+    # The source and reason are literals, so the partial index of migration 0014 applies.
     rows = conn.execute(
         "SELECT DISTINCT q.bucket FROM energy.quarantine q "
-        "WHERE q.source = %s AND q.bucket >= %s AND q.bucket < %s "
+        f"WHERE q.source = '{SOURCE_MINUTE_ROLLUP}' AND q.bucket >= %s AND q.bucket < %s "
         "AND q.reason LIKE '%%device_id: unknown device%%' "
         "AND EXISTS (SELECT FROM energy.devices d WHERE d.device_id = q.device_id) "
         "ORDER BY q.bucket",
-        (SOURCE_MINUTE_ROLLUP, start, end),
+        (start, end),
     ).fetchall()
     return [r[0] for r in rows]
 

@@ -285,7 +285,7 @@ def test_a_device_that_moves_household_keeps_its_history_when_old_windows_recomp
         for _ in range(2):  # importing the same registry again records nothing more
             storage.upsert_devices(conn, moved)
         history = conn.execute(
-            "SELECT device_id, household_id, valid_from = '-infinity' "
+            "SELECT device_id, household_id, valid_from = 'epoch' "
             "FROM energy.device_households ORDER BY device_id, valid_from"
         ).fetchall()
         assert history == [

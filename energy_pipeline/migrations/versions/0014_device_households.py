@@ -6,9 +6,13 @@ another device, a backfill) moved that window's share of the device to the new h
 the windows around it stayed with the old one. `device_households` keeps every registration with
 the time it took effect, and the rollups take the household the device had at each minute.
 
-A trigger on `energy.devices` keeps it: a device's first registration holds from `-infinity`
-(its points before it was registered belong to that household too), a change of household from
-the time of the change. A move dated in the past is one more row, written by hand.
+A trigger on `energy.devices` keeps it: a device's first registration holds from the epoch
+(1970-01-01; its points before it was registered belong to that household too; `-infinity` would
+be exact, but Python's datetime cannot hold it), a change of household from the time of the
+change. A move dated in the past is one more row, written by hand.
+
+Also a partial index on the quarantine's unknown-device rows: the late-data sensor looks for
+those of devices registered since, every tick.
 
 Revision ID: 0014
 Revises: 0013
@@ -33,7 +37,7 @@ CREATE TABLE energy.device_households (
 );
 
 INSERT INTO energy.device_households (device_id, household_id, valid_from)
-SELECT device_id, household_id, '-infinity' FROM energy.devices;
+SELECT device_id, household_id, 'epoch' FROM energy.devices;
 
 CREATE FUNCTION energy.record_device_household() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -45,7 +49,7 @@ BEGIN
     SELECT NEW.device_id, NEW.household_id,
            CASE WHEN EXISTS (SELECT FROM energy.device_households
                              WHERE device_id = NEW.device_id)
-                THEN now() ELSE '-infinity' END
+                THEN now() ELSE 'epoch' END
     ON CONFLICT (device_id, valid_from) DO UPDATE SET household_id = EXCLUDED.household_id;
     RETURN NULL;
 END;
@@ -55,10 +59,14 @@ CREATE TRIGGER devices_household_history
 AFTER INSERT OR UPDATE OF household_id ON energy.devices
 FOR EACH ROW EXECUTE FUNCTION energy.record_device_household();
 
+CREATE INDEX quarantine_unknown_device_idx ON energy.quarantine (bucket)
+    WHERE source = 'device_rollup_1m' AND reason LIKE '%device_id: unknown device%';
+
 RESET ROLE;
 """
 
 DOWNGRADE = """
+DROP INDEX IF EXISTS energy.quarantine_unknown_device_idx;
 DROP TRIGGER IF EXISTS devices_household_history ON energy.devices;
 DROP FUNCTION IF EXISTS energy.record_device_household();
 DROP TABLE IF EXISTS energy.device_households;
