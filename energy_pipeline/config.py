@@ -362,6 +362,7 @@ class Settings:
     max_range_minutes: int = env_int("ENERGY_MAX_RANGE_MINUTES", 60, 1)
     chunk_minutes: int = env_int("ENERGY_CHUNK_MINUTES", 5, 1)
     read_parallelism: int = env_int("ENERGY_READ_PARALLELISM", READ_PARALLELISM, 1, 10)
+    unread_fields: tuple[str, ...] = env_list("ENERGY_UNREAD_FIELDS")
     run_timeout_seconds: int = env_int("ENERGY_RUN_TIMEOUT_SECONDS", RUN_TIMEOUT_SECONDS, 10)
     webserver_url: str = env_str(
         "DAGSTER_WEBSERVER_URL", "http://127.0.0.1:3000", validate=validate_http_url

@@ -25,6 +25,8 @@ class InfluxDBResource(dg.ConfigurableResource):
     measurement: str = "telemetry"
     # Concurrent queries per read, each over a disjoint slice of the series (influx.py).
     read_parallelism: int = READ_PARALLELISM
+    # Fields outside the contract the minute read skips (`ENERGY_UNREAD_FIELDS`).
+    unread_fields: list[str] = []
     username: str | None = None
     password: str | None = None
     token: str | None = None
@@ -43,7 +45,9 @@ class InfluxDBResource(dg.ConfigurableResource):
 
     def source(self) -> RawSource:
         """The raw telemetry: the measurement, read `read_parallelism` slices at a time."""
-        return RawSource(self.client(), self.measurement, self.read_parallelism)
+        return RawSource(
+            self.client(), self.measurement, self.read_parallelism, tuple(self.unread_fields)
+        )
 
 
 class PostgresResource(dg.ConfigurableResource):

@@ -87,13 +87,16 @@ class Column:
         return pl.Float64() if self.kind == "float" else pl.String()
 
 
-def read_columns(field_types: Mapping[str, Iterable[str]]) -> list[Column]:
+def read_columns(
+    field_types: Mapping[str, Iterable[str]], unread: Iterable[str] = ()
+) -> list[Column]:
     """The typed columns to read, given the field types InfluxDB has seen (`SHOW FIELD KEYS`).
 
     Every main field is read as a number; its values stored as strings or booleans in some shard
     get a column of their own. Fields named like a tag get one column per type, and so do fields
     outside the contract: a point carrying only those must reach the contract, not vanish. They
-    cost a read only where series carry them.
+    cost a read only where series carry them; fields in `unread` are skipped (see
+    `ENERGY_UNREAD_FIELDS`).
     """
     kinds = {
         f: {"float" if t in ("float", "integer") else t for t in types}
@@ -106,7 +109,7 @@ def read_columns(field_types: Mapping[str, Iterable[str]]) -> list[Column]:
         columns += [Column(f, k) for k in ("string", "boolean") if k in kinds.get(f, ())]
     for t in TAGS:
         columns += [Column(t, k) for k in ("float", "string", "boolean") if k in kinds.get(t, ())]
-    for f in sorted(set(kinds) - set(FIELDS) - set(TAGS)):
+    for f in sorted(set(kinds) - set(FIELDS) - set(TAGS) - set(unread)):
         one_type = len(set(field_types[f])) <= 1
         columns += [Column(f, k, cast=not one_type, extra=True) for k in sorted(kinds[f])]
     return columns
@@ -352,12 +355,14 @@ def read_window(
     start: datetime,
     end: datetime,
     parallel: int = 1,
+    unread: Iterable[str] = (),
 ) -> WindowRead:
-    """Every raw point of `measurement` in [start, end), verified against InfluxDB's counts.
+    """Every raw point of `measurement` in [start, end), verified against InfluxDB's counts;
+    fields outside the contract named in `unread` are not read.
 
     Raises IncompleteReadError when InfluxDB keeps answering short for a minute.
     """
-    columns = read_columns(field_types(client, measurement))
+    columns = read_columns(field_types(client, measurement), unread)
     # Every aggregate is a pass over its field's blocks, so the proof of completeness counts
     # one field: a cut-short answer misses whole rows. Typed columns beyond the plain numbers
     # (type drift, fields named like tags, fields outside the contract) are rare and counted too,
@@ -443,10 +448,12 @@ class RawSource:
     client: InfluxClient
     measurement: str
     parallel: int = 1
+    # Fields outside the contract the read skips (`ENERGY_UNREAD_FIELDS`).
+    unread: tuple[str, ...] = ()
 
     def read(self, start: datetime, end: datetime) -> WindowRead:
         """Every raw point in [start, end), verified complete (see `read_window`)."""
-        return read_window(self.client, self.measurement, start, end, self.parallel)
+        return read_window(self.client, self.measurement, start, end, self.parallel, self.unread)
 
     def checksums(self, start: datetime, end: datetime) -> pl.DataFrame:
         """InfluxDB's checksums of every minute in [start, end) as they are now."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import timedelta
 
 import polars as pl
@@ -222,6 +223,26 @@ def test_points_carrying_only_fields_outside_the_contract_are_quarantined(settin
         missing.format("fields outside the contract: temperature_c; "),
         missing.format("fields outside the contract: firmware; "),
         missing.format(""),
+    ]
+
+
+def test_fields_named_unread_are_not_read(settings, influx_db):
+    with psycopg.connect(settings.pg_dsn) as conn:
+        storage.upsert_devices(conn, pl.DataFrame({"device_id": ["dev-1"], "household_id": ["h1"]}))
+    first = base_minute(30)
+    t0 = int(first.timestamp()) * NS
+    tags = "telemetry,device_id=dev-1,household_id=h1"
+    influx_db.write_lines(
+        [f"{tags} power_w=100,energy_wh=1,rssi=-61 {t0}", f"{tags} rssi=-60 {t0 + NS}",
+         f"{tags} Power_W=10 {t0 + 2 * NS}"]
+    )  # fmt: skip
+    materialize_minutes(replace(settings, unread_fields=("rssi",)), first, first)
+    # The rssi-only point is not seen; the misspelt one still is.
+    assert [r[:4] + r[8:9] for r in fetch_rollups(settings.pg_dsn)] == [
+        ("dev-1", first, "h1", 1, 1)
+    ]
+    assert [r[-1] for r in fetch_quarantine(settings.pg_dsn)] == [
+        "energy_wh: missing; fields outside the contract: Power_W; power_w: missing"
     ]
 
 
