@@ -150,6 +150,7 @@ FILLED_FROM_SETTINGS = {
         "retention_policy": "influx_retention_policy",
         "measurement": "influx_measurement",
         "read_parallelism": "read_parallelism",
+        "unread_fields": "unread_fields",
         "username": "influx_username",
         "password": "influx_password",
         "token": "influx_token",
