@@ -380,15 +380,9 @@ def build_late_data_sensor(
             due, ignored = split_late(late.rows(), now, s.lateness_seconds, busy)
             # A device registered after its points were quarantined as unknown: within the
             # lateness window its minutes are rolled up again, as if the points came late.
-            registered = (
-                set(
-                    minutes_of_registered_unknowns(
-                        conn, max(earliest, now - timedelta(seconds=s.lateness_seconds)), check.end
-                    )
-                )
-                - set(busy)
-                - set(due)
-            )
+            since = max(earliest, now - timedelta(seconds=s.lateness_seconds))
+            registered = set(minutes_of_registered_unknowns(conn, since, check.end))
+            registered -= busy | set(due)
             if registered:
                 context.log.info(
                     f"rolling up {len(registered)} minutes again: they hold quarantined points "
