@@ -199,18 +199,29 @@ def test_an_over_long_household_tag_on_rejected_points_does_not_stop_the_minute(
     assert len(quarantined) == 1 and long_tag in quarantined[0]
 
 
-def test_points_carrying_only_fields_outside_the_contract_are_quarantined(settings, influx_db):
+def _dev1_points(settings, influx_db: InfluxClient, fields: list[str]):
+    """Register dev-1 in h1 and write one point a second of it with each field set; return the
+    minute they are in."""
     with psycopg.connect(settings.pg_dsn) as conn:
         storage.upsert_devices(conn, pl.DataFrame({"device_id": ["dev-1"], "household_id": ["h1"]}))
     first = base_minute(30)
     t0 = int(first.timestamp()) * NS
-    tags = "telemetry,device_id=dev-1,household_id=h1"
     influx_db.write_lines(
-        [f"{tags} power_w=100,energy_wh=1,temperature_c=21.5 {t0}",  # an extra field: fine
-         f"{tags} Power_W=10,Energy_Wh=1 {t0 + NS}",  # misspelt fields only
-         f"{tags} temperature_c=22 {t0 + 2 * NS}",
-         f'{tags} firmware="1.2" {t0 + 3 * NS}',
-         f'{tags} note="" {t0 + 4 * NS}']  # an empty text is all it carries
+        [
+            f"telemetry,device_id=dev-1,household_id=h1 {f} {t0 + i * NS}"
+            for i, f in enumerate(fields)
+        ]
+    )
+    return first
+
+
+def test_points_carrying_only_fields_outside_the_contract_are_quarantined(settings, influx_db):
+    first = _dev1_points(
+        settings, influx_db,
+        ["power_w=100,energy_wh=1,temperature_c=21.5",  # an extra field: fine
+         "Power_W=10,Energy_Wh=1",  # misspelt fields only
+         "temperature_c=22", 'firmware="1.2"',
+         'note=""'],  # an empty text is all it carries
     )  # fmt: skip
     materialize_minutes(settings, first, first)
     assert [r[:4] + r[8:9] for r in fetch_rollups(settings.pg_dsn)] == [
@@ -227,15 +238,9 @@ def test_points_carrying_only_fields_outside_the_contract_are_quarantined(settin
 
 
 def test_fields_named_unread_are_not_read(settings, influx_db):
-    with psycopg.connect(settings.pg_dsn) as conn:
-        storage.upsert_devices(conn, pl.DataFrame({"device_id": ["dev-1"], "household_id": ["h1"]}))
-    first = base_minute(30)
-    t0 = int(first.timestamp()) * NS
-    tags = "telemetry,device_id=dev-1,household_id=h1"
-    influx_db.write_lines(
-        [f"{tags} power_w=100,energy_wh=1,rssi=-61 {t0}", f"{tags} rssi=-60 {t0 + NS}",
-         f"{tags} Power_W=10 {t0 + 2 * NS}"]
-    )  # fmt: skip
+    first = _dev1_points(
+        settings, influx_db, ["power_w=100,energy_wh=1,rssi=-61", "rssi=-60", "Power_W=10"]
+    )
     materialize_minutes(replace(settings, unread_fields=("rssi",)), first, first)
     # The rssi-only point is not seen; the misspelt one still is.
     assert [r[:4] + r[8:9] for r in fetch_rollups(settings.pg_dsn)] == [
