@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -26,11 +27,31 @@ class ServiceError(RuntimeError):
     """A local server could not be installed, started or reached."""
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """Return a TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port on the loopback interface that nothing listens on right now.
+
+    Picked below the ephemeral range: a port the kernel assigns (bind to 0) may meanwhile become
+    the local end of some outgoing connection, and the server started on it then fails with
+    "address already in use".
+    """
+    low, high = 20_000, _ephemeral_floor()
+    for _ in range(50):
+        port = random.randrange(low, high) if high > low else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise ServiceError(f"no free loopback port found in {low}-{high}")
 
 
 def port_in_use(port: int) -> bool:
