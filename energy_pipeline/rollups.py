@@ -23,6 +23,8 @@ from energy_pipeline.schemas import (
     QUARANTINE_SCHEMA,
     ROLLUP_COLUMNS,
     TAGS,
+    contract_columns,
+    extra_field,
     raw_point_schema,
 )
 
@@ -89,11 +91,6 @@ def _failures(frame: pl.DataFrame, bad: pl.Expr, column: str, reason: pl.Expr) -
     )
 
 
-def _extra_field(column: str) -> str:
-    """The field's name in a column `extra:<field>:<type>` of a raw read (see sources.py)."""
-    return column.removeprefix(EXTRA_FIELD_PREFIX).rpartition(":")[0] or column
-
-
 def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Main fields as floats; return the parsed frame and (index, column, reason) failures.
 
@@ -129,9 +126,9 @@ def parse_fields(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     if extra:
         # A point carrying none of the contract's fields (a misspelt `Power_W`, a sensor's own
         # field) would otherwise only be "missing" power: name what it carried instead.
-        ours = [c for c in raw.columns if c.split("__")[0] in FIELDS]
+        ours = contract_columns(raw.columns)
         carried = pl.concat_str(
-            [pl.when(pl.col(c).is_not_null()).then(pl.lit(_extra_field(c)))
+            [pl.when(pl.col(c).is_not_null()).then(pl.lit(extra_field(c)))
              for c in extra],
             separator=", ", ignore_nulls=True,
         )  # fmt: skip
@@ -280,7 +277,7 @@ def _split_duplicates(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl
     if not raw.select((key.is_duplicated() & has_device).any()).item():
         return raw.clear(), raw, raw.clear()
     # The contract's values (and their typed columns); fields outside it do not make a conflict.
-    values = [c for c in raw.columns if c.split("__")[0] in FIELDS]
+    values = contract_columns(raw.columns)
     ordered = raw.sort(["device_id", "time", "household_id", *values], nulls_last=True)
     is_dup = ordered.select(~key.is_first_distinct() & has_device).to_series()
     duplicates, kept = ordered.filter(is_dup), ordered.filter(~is_dup)

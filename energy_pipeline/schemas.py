@@ -16,6 +16,24 @@ TAGS = ("device_id", "household_id")
 # Prefix of a raw read's column `extra:<field>:<type>` for a field outside the contract (read only
 # to see which points carry nothing else).
 EXTRA_FIELD_PREFIX = "extra:"
+
+
+def extra_column(field: str, kind: str) -> str:
+    """A raw read's column for values of type `kind` of `field`, a field outside the contract."""
+    return f"{EXTRA_FIELD_PREFIX}{field}:{kind}"
+
+
+def extra_field(column: str) -> str:
+    """The field an `extra_column` holds."""
+    return column.removeprefix(EXTRA_FIELD_PREFIX).rpartition(":")[0]
+
+
+def contract_columns(columns: list[str]) -> list[str]:
+    """Columns of a raw read holding the contract's fields: `power_w`, and typed ones such as
+    `power_w__string` (see sources.py)."""
+    return [c for c in columns if c.split("__")[0] in FIELDS]
+
+
 BUCKET_DTYPE = pl.Datetime("us", "UTC")
 
 # energy.quarantine: one rejected raw point and its reason.

@@ -38,9 +38,9 @@ from energy_pipeline.influx import (
 from energy_pipeline.schemas import (
     CHECKSUM_COLUMNS,
     CHECKSUM_SCHEMA,
-    EXTRA_FIELD_PREFIX,
     FIELDS,
     TAGS,
+    extra_column,
 )
 
 MINUTE = timedelta(minutes=1)
@@ -73,7 +73,7 @@ class Column:
     @property
     def alias(self) -> str:
         if self.extra:
-            return f"{EXTRA_FIELD_PREFIX}{self.field}:{self.kind}"
+            return extra_column(self.field, self.kind)
         if self.kind == "float" and self.field in FIELDS:
             return self.field
         return f"{self.field}__{self.kind}"
